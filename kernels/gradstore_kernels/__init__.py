@@ -1,0 +1,1 @@
+"""Fused sparse-row gradient ascent and influence scoring (Triton, with a torch reference)."""

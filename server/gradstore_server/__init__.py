@@ -1,0 +1,1 @@
+"""HTTP server for lookup, influence and forget requests."""

@@ -1,0 +1,1 @@
+"""Capture, unlearning engine, influence, evaluation and the command line."""

@@ -1,0 +1,258 @@
+"""A small, fast reader of row ranges of the Zarr v3 arrays that this store writes.
+
+Why not read through zarr-python: on a 2-core machine a query of 8 random examples (~280 rows x 768 bf16 each)
+took 18-100 ms through zarr-python's generic selection machinery, against a budget of 5 ms; tensorstore took
+3-7 ms; this reader 2-4 ms (benchmarks/store_io.py measures all three). The work itself is small — locate the
+chunks, read their bytes, decompress — so the reader does exactly that: it caches each shard's chunk index
+(so a chunk costs one ranged read), coalesces adjacent chunks into one read (one request on S3), decodes
+chunks in parallel threads (blosc and zstd release the GIL) and verifies every crc32c.
+
+It understands only the layouts the writer produces — arrays chunked along the first dimension, optionally
+sharded (`sharding_indexed`), with `bytes` + optional `blosc`/`zstd` + optional `crc32c` codecs — and says so
+(`UnsupportedLayout`) for anything else; the caller then falls back to zarr-python. Parity with zarr-python
+is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import google_crc32c
+import numpy as np
+from numcodecs import Blosc, Zstd
+
+from ._objects import ObjectStore
+from .errors import FormatError
+
+_MISSING = np.uint64(2**64 - 1)  # sharding index entry of a chunk that was never written (all fill value)
+_DECODE_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gradstore-decode")
+_COALESCE_GAP = 1 << 16  # read two chunks with one request if at most 64 KiB lie between them
+
+
+class UnsupportedLayout(Exception):
+    """The array uses codecs or a chunk grid this reader does not implement."""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fill_value: float
+    outer_rows: int  # rows per stored object (a shard, or a chunk when unsharded)
+    inner_rows: int  # rows per chunk inside a shard (== outer_rows when unsharded)
+    compressor: str | None  # "blosc" | "zstd" | None
+    checksum: bool
+    sharded: bool
+    index_checksum: bool
+    index_at_end: bool
+    separator: str
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return self.shape[1:]
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.outer_rows // self.inner_rows
+
+
+def _parse_codecs(codecs: list[dict], where: str) -> tuple[str | None, bool]:
+    """[bytes, (blosc|zstd)?, crc32c?] -> (compressor, checksum)."""
+    names = [c.get("name") for c in codecs]
+    if not names or names[0] != "bytes":
+        raise UnsupportedLayout(f"{where}: codecs {names}")
+    endian = (codecs[0].get("configuration") or {}).get("endian", "little")
+    if endian != "little":
+        raise UnsupportedLayout(f"{where}: big-endian data")
+    rest = names[1:]
+    checksum = bool(rest) and rest[-1] == "crc32c"
+    if checksum:
+        rest = rest[:-1]
+    if len(rest) > 1 or (rest and rest[0] not in ("blosc", "zstd")):
+        raise UnsupportedLayout(f"{where}: codecs {names}")
+    return (rest[0] if rest else None), checksum
+
+
+def parse_layout(metadata: dict, where: str) -> _Layout:
+    """Validate an array's zarr.json against the layouts this reader supports."""
+    if metadata.get("zarr_format") != 3 or metadata.get("node_type") != "array":
+        raise UnsupportedLayout(f"{where}: not a zarr v3 array")
+    shape = tuple(metadata["shape"])
+    grid = metadata["chunk_grid"]
+    if grid.get("name") != "regular":
+        raise UnsupportedLayout(f"{where}: chunk grid {grid.get('name')}")
+    outer = tuple(grid["configuration"]["chunk_shape"])
+    if len(shape) not in (1, 2) or outer[1:] != shape[1:]:
+        raise UnsupportedLayout(f"{where}: chunks must span all columns")
+    if metadata.get("storage_transformers"):
+        raise UnsupportedLayout(f"{where}: storage transformers")
+    key_enc = metadata["chunk_key_encoding"]
+    if key_enc.get("name") != "default":
+        raise UnsupportedLayout(f"{where}: chunk key encoding {key_enc.get('name')}")
+    separator = (key_enc.get("configuration") or {}).get("separator", "/")
+    try:
+        dtype = np.dtype(metadata["data_type"]).newbyteorder("<")
+    except TypeError:
+        raise UnsupportedLayout(f"{where}: data type {metadata['data_type']}") from None
+    fill = metadata.get("fill_value", 0)
+    codecs = metadata["codecs"]
+    if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":
+        conf = codecs[0]["configuration"]
+        inner = tuple(conf["chunk_shape"])
+        if inner[1:] != shape[1:] or outer[0] % inner[0]:
+            raise UnsupportedLayout(f"{where}: inner chunks must span all columns")
+        compressor, checksum = _parse_codecs(conf["codecs"], where)
+        index_names = [c["name"] for c in conf["index_codecs"]]
+        if index_names not in (["bytes"], ["bytes", "crc32c"]):
+            raise UnsupportedLayout(f"{where}: index codecs {index_names}")
+        return _Layout(shape, dtype, fill, outer[0], inner[0], compressor, checksum, True,
+                       index_names[-1] == "crc32c", conf.get("index_location", "end") == "end", separator)
+    compressor, checksum = _parse_codecs(codecs, where)
+    return _Layout(shape, dtype, fill, outer[0], outer[0], compressor, checksum, False, False, True, separator)
+
+
+def _verify_crc(data: bytes, where: str) -> bytes:
+    body, stored = data[:-4], int.from_bytes(data[-4:], "little")
+    if google_crc32c.value(body) != stored:
+        raise FormatError(f"{where}: crc32c checksum mismatch (corrupted data)")
+    return body
+
+
+class ChunkedArrayReader:
+    """Reads rows [lo, hi) of one array. Thread-safe; shard indexes are cached (bounded LRU)."""
+
+    _INDEX_CACHE_SHARDS = 1024
+
+    def __init__(self, objects: ObjectStore, path: str, metadata: dict | None = None):
+        self.objects = objects
+        self.path = path
+        if metadata is None:
+            metadata = json.loads(objects.read(f"{path}/zarr.json"))
+        self.layout = parse_layout(metadata, path)
+        self._indexes: OrderedDict[int, np.ndarray | None] = OrderedDict()
+        self._lock = threading.Lock()
+        self._blosc = Blosc()
+        self._zstd = Zstd()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.layout.shape
+
+    def _key(self, outer: int) -> str:
+        L = self.layout
+        coords = [str(outer)] + ["0"] * (len(L.shape) - 1)
+        return f"{self.path}/c{L.separator}{L.separator.join(coords)}"
+
+    def _shard_index(self, shard: int) -> np.ndarray | None:
+        """[chunks_per_shard, 2] uint64 (offset, nbytes), or None if the whole shard was never written."""
+        with self._lock:
+            if shard in self._indexes:
+                self._indexes.move_to_end(shard)
+                return self._indexes[shard]
+        L = self.layout
+        nbytes = L.chunks_per_shard * 16 + (4 if L.index_checksum else 0)
+        try:
+            raw = self.objects.read_range(self._key(shard), -nbytes if L.index_at_end else 0, nbytes)
+        except FileNotFoundError:
+            index = None
+        else:
+            if L.index_checksum:
+                raw = _verify_crc(raw, f"{self.path} shard {shard} index")
+            index = np.frombuffer(raw, dtype="<u8").reshape(L.chunks_per_shard, 2)
+        with self._lock:
+            self._indexes[shard] = index
+            if len(self._indexes) > self._INDEX_CACHE_SHARDS:
+                self._indexes.popitem(last=False)
+        return index
+
+    def _decode(self, data: bytes, chunk: int) -> np.ndarray:
+        L = self.layout
+        if L.checksum:
+            data = _verify_crc(data, f"{self.path} chunk {chunk}")
+        if L.compressor == "blosc":
+            data = self._blosc.decode(data)
+        elif L.compressor == "zstd":
+            data = self._zstd.decode(data)
+        return np.frombuffer(data, dtype=L.dtype).reshape((-1, *L.row_shape))
+
+    def _fill_chunk(self, chunk: int) -> np.ndarray:
+        L = self.layout
+        rows = min(L.inner_rows, L.shape[0] - chunk * L.inner_rows)
+        return np.full((rows, *L.row_shape), L.fill_value, dtype=L.dtype)
+
+    def _locate(self, chunks: list[int]) -> list[tuple[str, int, int, list[tuple[int, int, int]]]]:
+        """Group chunks into ranged reads: (key, start, length, [(chunk, offset in read, nbytes)])."""
+        L = self.layout
+        reads: list[tuple[str, int, int, list[tuple[int, int, int]]]] = []
+        for chunk in chunks:
+            if not L.sharded:
+                reads.append((self._key(chunk), 0, -1, [(chunk, 0, -1)]))
+                continue
+            shard, inner = divmod(chunk, L.chunks_per_shard)
+            index = self._shard_index(shard)
+            if index is None or index[inner, 0] == _MISSING:
+                reads.append(("", 0, 0, [(chunk, 0, 0)]))  # never written: fill value
+                continue
+            offset, nbytes = int(index[inner, 0]), int(index[inner, 1])
+            key = self._key(shard)
+            last = reads[-1] if reads else None
+            if last and last[0] == key and last[2] >= 0 and 0 <= offset - (last[1] + last[2]) <= _COALESCE_GAP:
+                members = [*last[3], (chunk, offset - last[1], nbytes)]
+                reads[-1] = (key, last[1], offset + nbytes - last[1], members)
+            else:
+                reads.append((key, offset, nbytes, [(chunk, 0, nbytes)]))
+        return reads
+
+    def _fetch(self, read: tuple[str, int, int, list[tuple[int, int, int]]]) -> list[tuple[int, np.ndarray]]:
+        key, start, length, members = read
+        if not key:
+            return [(members[0][0], self._fill_chunk(members[0][0]))]
+        try:
+            data = self.objects.read(key) if length < 0 else self.objects.read_range(key, start, length)
+        except FileNotFoundError:
+            if self.layout.sharded:
+                raise FormatError(f"{self.path}: shard {key} disappeared while reading") from None
+            return [(members[0][0], self._fill_chunk(members[0][0]))]
+        view = memoryview(data)
+        out = []
+        for chunk, offset, nbytes in members:
+            piece = view[offset:] if nbytes < 0 else view[offset : offset + nbytes]
+            out.append((chunk, self._decode(bytes(piece), chunk)))
+        return out
+
+    def read_ranges(self, ranges: list[tuple[int, int]]) -> np.ndarray:
+        """Rows of every [lo, hi) range, concatenated in the given order: shape [sum(hi - lo), *row_shape]."""
+        L = self.layout
+        total = sum(hi - lo for lo, hi in ranges)
+        out = np.empty((total, *L.row_shape), dtype=L.dtype)
+        if total == 0:
+            return out
+        for lo, hi in ranges:
+            if not 0 <= lo <= hi <= L.shape[0]:
+                raise IndexError(f"{self.path}: rows [{lo}, {hi}) outside [0, {L.shape[0]})")
+        needed = sorted({c for lo, hi in ranges if hi > lo for c in range(lo // L.inner_rows, (hi - 1) // L.inner_rows + 1)})
+        reads = self._locate(needed)
+        if len(reads) > 1:
+            results = [r for batch in _DECODE_POOL.map(self._fetch, reads) for r in batch]
+        else:
+            results = self._fetch(reads[0])
+        decoded = dict(results)
+        pos = 0
+        for lo, hi in ranges:
+            row = lo
+            while row < hi:
+                chunk = row // L.inner_rows
+                base = chunk * L.inner_rows
+                end = min(hi, base + L.inner_rows)
+                block = decoded[chunk]
+                out[pos : pos + end - row] = block[row - base : end - base]
+                pos += end - row
+                row = end
+        return out
+
+    def read_all(self) -> np.ndarray:
+        return self.read_ranges([(0, self.layout.shape[0])])

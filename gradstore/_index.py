@@ -1,0 +1,63 @@
+"""The in-memory index: example ID -> (segment, position), rebuilt from the manifests on open.
+
+Manifests are the only source of truth. A manifest may list segments it `replaces` (an erasure rewrite, a
+compaction); those are dead even if their own manifests still exist (a crash between "commit the new
+manifest" and "delete the old one"). If an ID occurs in several live segments (a replaced example whose old
+copy is not yet rewritten, or two processes appending the same ID), the newest segment wins: segment IDs
+sort by creation time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ._encoding import ExampleId
+from ._segment import Manifest
+
+
+@dataclass
+class Index:
+    manifests: dict[str, Manifest] = field(default_factory=dict)  # every manifest present, live or not
+    live: list[str] = field(default_factory=list)  # live segment IDs, oldest first
+    locate: dict[ExampleId, tuple[str, int]] = field(default_factory=dict)
+    shadowed: int = 0  # copies of IDs hidden by a newer copy
+
+    @classmethod
+    def build(cls, manifests: dict[str, Manifest]) -> Index:
+        index = cls(manifests=dict(manifests))
+        dead = {old for m in manifests.values() for old in m.replaces}
+        index.live = sorted(s for s in manifests if s not in dead)
+        for segment in index.live:
+            index._add_entries(manifests[segment])
+        return index
+
+    def _add_entries(self, manifest: Manifest) -> None:
+        for position, example_id in enumerate(manifest.ids):
+            if example_id in self.locate:
+                self.shadowed += 1
+            self.locate[example_id] = (manifest.segment, position)
+
+    def superseded(self) -> list[str]:
+        """Segments whose manifests still exist but that a newer manifest replaces (to be cleaned up)."""
+        live = set(self.live)
+        return sorted(s for s in self.manifests if s not in live)
+
+    def add(self, manifest: Manifest) -> None:
+        """A manifest committed by this process: add it without rebuilding (rebuild if it replaces others)."""
+        self.manifests[manifest.segment] = manifest
+        if manifest.replaces or (self.live and manifest.segment < self.live[-1]):
+            rebuilt = Index.build(self.manifests)
+            self.live, self.locate, self.shadowed = rebuilt.live, rebuilt.locate, rebuilt.shadowed
+            return
+        self.live.append(manifest.segment)
+        self._add_entries(manifest)
+
+    def remove(self, segment: str) -> None:
+        self.manifests.pop(segment, None)
+        rebuilt = Index.build(self.manifests)
+        self.live, self.locate, self.shadowed = rebuilt.live, rebuilt.locate, rebuilt.shadowed
+
+    def live_positions(self, segment: str) -> list[int]:
+        """Positions of a live segment whose IDs are not shadowed by a newer copy."""
+        manifest = self.manifests[segment]
+        return [p for p, i in enumerate(manifest.ids) if self.locate.get(i) == (segment, p)]

@@ -1,0 +1,273 @@
+"""Byte-level access to where a store lives: a local directory or an S3 prefix.
+
+The store needs very little from its backend: whole-object reads and writes, ranged reads (for chunk-level
+random access), listing one "directory", deletes, and one atomic primitive — *create-only* writes — on which
+every commit rests (a segment becomes visible when its manifest is created, and creating it must fail rather
+than overwrite). Locally that is a temporary file hard-linked into place (`os.link` fails if the name exists,
+and the linked file is already complete); on S3 it is a conditional PUT (`If-None-Match: *`).
+
+Keys are '/'-separated paths relative to the store root, like zarr's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidInputError
+
+
+class ObjectStore(ABC):
+    """The operations the store needs from a backend. Missing keys raise `FileNotFoundError`."""
+
+    uri: str
+
+    @abstractmethod
+    def read(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """`length` bytes from `start`; a negative `start` counts from the end (then `length` must be -start)."""
+
+    @abstractmethod
+    def write(self, key: str, data: bytes) -> None:
+        """Write or replace `key` atomically: readers see the old or the new object, never a mix."""
+
+    @abstractmethod
+    def write_new(self, key: str, data: bytes) -> bool:
+        """Create `key` only if it does not exist; returns False (and writes nothing) if it does."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list_dir(self, prefix: str) -> list[str]:
+        """Names (not paths) directly under `prefix`, sorted; an empty list if the prefix is absent."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete one object; deleting a missing key is not an error (deletes are retried after crashes)."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete everything under `prefix`."""
+
+    @abstractmethod
+    def size_of_prefix(self, prefix: str) -> int:
+        """Total bytes of the objects under `prefix`."""
+
+    @abstractmethod
+    def is_empty(self) -> bool:
+        """True if nothing at all exists at the store root."""
+
+    @abstractmethod
+    def zarr_store(self) -> Any:
+        """A zarr v3 `Store` rooted at the same place, for zarr-python to write arrays into."""
+
+    def make_durable(self, prefix: str) -> None:  # noqa: B027 - deliberately a no-op by default
+        """Flush what was written under `prefix` to stable storage before it is committed (no-op remotely)."""
+
+
+class LocalObjects(ObjectStore):
+    """A directory on a local (POSIX) file system."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def read(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        with open(self._path(key), "rb") as f:
+            if start < 0:
+                f.seek(start, os.SEEK_END)
+            else:
+                f.seek(start)
+            return f.read(length)
+
+    def _write_temp(self, key: str, data: bytes) -> Path:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+    def _sync_dir(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def write(self, key: str, data: bytes) -> None:
+        tmp = self._write_temp(key, data)
+        os.replace(tmp, self._path(key))
+        self._sync_dir(self._path(key).parent)
+
+    def write_new(self, key: str, data: bytes) -> bool:
+        # The temp file is complete and fsynced before it gets its final name, so a crash can never leave a
+        # half-written object under `key`; os.link refuses to replace an existing name.
+        tmp = self._write_temp(key, data)
+        try:
+            os.link(tmp, self._path(key))
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._sync_dir(self._path(key).parent)
+        return True
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def list_dir(self, prefix: str) -> list[str]:
+        try:
+            names = os.listdir(self._path(prefix))
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if not n.startswith("."))
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        shutil.rmtree(self._path(prefix), ignore_errors=True)
+
+    def size_of_prefix(self, prefix: str) -> int:
+        total = 0
+        for dirpath, _, files in os.walk(self._path(prefix)):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(dirpath, name)).st_size
+                except FileNotFoundError:
+                    pass
+        return total
+
+    def is_empty(self) -> bool:
+        return not self.root.exists() or not any(self.root.iterdir())
+
+    def zarr_store(self) -> Any:
+        import zarr.storage
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        return zarr.storage.LocalStore(self.root)
+
+    def make_durable(self, prefix: str) -> None:
+        # zarr-python writes chunk files without fsync; a segment must be on disk before its manifest is.
+        for dirpath, _, files in os.walk(self._path(prefix)):
+            for name in files:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            self._sync_dir(Path(dirpath))
+
+
+class S3Objects(ObjectStore):
+    """An `s3://bucket/prefix` location, through s3fs (any S3-compatible endpoint).
+
+    `storage_options` go to `s3fs.S3FileSystem` (e.g. `endpoint_url`, `key`, `secret`, `client_kwargs`).
+    """
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
+        import s3fs
+
+        if not uri.startswith("s3://"):
+            raise InvalidInputError(f"not an S3 URI: {uri!r}")
+        self.uri = uri.rstrip("/")
+        self._base = self.uri[len("s3://") :]
+        if "/" not in self._base:
+            raise InvalidInputError(f"S3 URI {uri!r} needs a prefix after the bucket: s3://bucket/prefix")
+        self.storage_options = dict(storage_options or {})
+        self._fs = s3fs.S3FileSystem(**self.storage_options)
+
+    def _path(self, key: str) -> str:
+        return f"{self._base}/{key}" if key else self._base
+
+    def read(self, key: str) -> bytes:
+        return self._fs.cat_file(self._path(key))
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        if start < 0:
+            size = self._fs.size(self._path(key))
+            start = size + start
+        return self._fs.cat_file(self._path(key), start=start, end=start + length)
+
+    def write(self, key: str, data: bytes) -> None:
+        self._fs.pipe_file(self._path(key), data)  # a single PUT is atomic on S3
+
+    def write_new(self, key: str, data: bytes) -> bool:
+        try:
+            self._fs.pipe_file(self._path(key), data, mode="create")
+        except FileExistsError:
+            return False
+        except OSError as err:  # s3fs maps HTTP 412 (If-None-Match failed) to a generic OSError on some versions
+            if "PreconditionFailed" in str(err) or "412" in str(err):
+                return False
+            raise
+        return True
+
+    def exists(self, key: str) -> bool:
+        return self._fs.exists(self._path(key))
+
+    def list_dir(self, prefix: str) -> list[str]:
+        try:
+            entries = self._fs.ls(self._path(prefix), detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._fs.rm_file(self._path(key))
+        except FileNotFoundError:
+            pass
+
+    def delete_prefix(self, prefix: str) -> None:
+        try:
+            self._fs.rm(self._path(prefix), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def size_of_prefix(self, prefix: str) -> int:
+        try:
+            return int(self._fs.du(self._path(prefix), total=True))
+        except FileNotFoundError:
+            return 0
+
+    def is_empty(self) -> bool:
+        try:
+            return not self._fs.ls(self._base, refresh=True)
+        except FileNotFoundError:
+            return True
+
+    def zarr_store(self) -> Any:
+        import s3fs
+        import zarr.storage
+
+        fs = s3fs.S3FileSystem(asynchronous=True, **self.storage_options)
+        return zarr.storage.FsspecStore(fs, path=self._base)
+
+
+def open_objects(uri: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> ObjectStore:
+    """The backend for a URI: `s3://bucket/prefix`, `file:///path`, or a plain local path."""
+    text = os.fspath(uri)
+    if text.startswith("s3://"):
+        return S3Objects(text, storage_options)
+    if "://" in text and not text.startswith("file://"):
+        raise InvalidInputError(f"unsupported store URI {text!r}: use a local path, file://... or s3://bucket/prefix")
+    if storage_options:
+        raise InvalidInputError("storage_options apply only to s3:// stores")
+    return LocalObjects(text.removeprefix("file://"))

@@ -1,0 +1,589 @@
+"""`GradStore`: the facade over segments, manifests, the index, erasure and compaction."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ._encoding import ExampleId, decode_rows, id_key, normalize_id
+from ._format import METADATA_KEY, CodecConfig, StoreConfig
+from ._index import Index
+from ._lock import mutation_lock
+from ._objects import ObjectStore, open_objects
+from ._segment import MANIFESTS, SEGMENTS, Manifest, SegmentData, SegmentReader, new_segment_id, write_segment
+from .errors import (
+    ErasedError,
+    FormatError,
+    InvalidInputError,
+    NotAStoreError,
+    ReadOnlyError,
+    StoreNotFoundError,
+    UnknownIdError,
+)
+from .examples import Batch, Example
+
+if TYPE_CHECKING:
+    from .writer import StoreWriter
+
+TOMBSTONES = "tombstones"
+JOURNAL = "journal"
+AUDIT = "audit"
+_READ_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gradstore-read")
+SEGMENT_NAME = re.compile(r"\d{20}-[0-9a-f]{12}")
+ORPHAN_GRACE_S = 3600.0  # an uncommitted segment younger than this may still be being written
+
+
+@dataclass(frozen=True)
+class ErasureReceipt:
+    """What `erase` did. `erased` and `already_erased` hold the caller's own IDs; nothing stored keeps them."""
+
+    receipt_id: str
+    erased: list[ExampleId]
+    already_erased: list[ExampleId]
+    segments_rewritten: int
+    bytes_removed: int
+    erased_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"receipt_id": self.receipt_id, "erased": self.erased, "already_erased": self.already_erased,
+                "segments_rewritten": self.segments_rewritten, "bytes_removed": self.bytes_removed,
+                "erased_at": self.erased_at}
+
+
+@dataclass(frozen=True)
+class CompactionReport:
+    segments_before: int
+    segments_after: int
+    segments_merged: int
+    orphans_removed: int
+    superseded_removed: int
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    uri: str
+    model_id: str
+    dtype: str
+    dim: int
+    vocab_size: int
+    format_version: int
+    examples: int
+    rows: int
+    segments: int
+    tombstones: int
+    shadowed_copies: int
+    bytes_on_disk: int
+    rows_logical_bytes: int
+    rows_stored_bytes: int
+    codec: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def compression_ratio(self) -> float:
+        """Logical bytes of the rows in the store's dtype over the bytes they take on disk."""
+        return self.rows_logical_bytes / self.rows_stored_bytes if self.rows_stored_bytes else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["compression_ratio"] = round(self.compression_ratio, 4)
+        return out
+
+
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "int8": 1}
+
+
+class GradStore:
+    """A store of per-example sparse gradient rows, keyed by example ID.
+
+    Create with `GradStore.create(uri, dim=..., vocab_size=..., dtype=..., model_id=...)`, open with
+    `GradStore.open(uri)`. `uri` is a local path, `file://...` or `s3://bucket/prefix` (with
+    `storage_options` such as `{"endpoint_url": ...}` for S3-compatible servers).
+
+    One `GradStore` object may be shared by threads. Several processes may append to one store at once (each
+    writer commits its own segments); erasure and compaction take a store-wide lock.
+    """
+
+    def __init__(self, objects: ObjectStore, config: StoreConfig, *, read_only: bool = False):
+        self._objects = objects
+        self.config = config
+        self.read_only = read_only
+        self._lock = threading.RLock()
+        self._index = Index()
+        self._readers: dict[str, SegmentReader] = {}
+        self._salt = bytes.fromhex(config.id_salt)
+        self.refresh()
+
+    # ----------------------------------------------------------------------------------------------- opening
+    @classmethod
+    def create(cls, uri: str | os.PathLike[str], *, dim: int, vocab_size: int, dtype: str = "bfloat16",
+               model_id: str = "", codec: str = "blosc-zstd", codec_level: int = 3, shuffle: str = "bitshuffle",
+               checksum: bool = True, chunk_rows: int | None = None, shard_rows: int | None = None,
+               capture_policy: str = "first", storage_options: dict[str, Any] | None = None) -> GradStore:
+        """Create an empty store at `uri`, which must not exist or be an empty directory / prefix."""
+        objects = open_objects(uri, storage_options)
+        defaults = StoreConfig(dim=1, vocab_size=1, dtype="float32", model_id="")
+        config = StoreConfig(
+            dim=dim, vocab_size=vocab_size, dtype=dtype, model_id=model_id,
+            codec=CodecConfig(name=codec, level=codec_level, shuffle=shuffle, checksum=checksum),
+            chunk_rows=chunk_rows or defaults.chunk_rows, shard_rows=shard_rows or defaults.shard_rows,
+            capture={"policy": capture_policy, "layer": "input_embedding"},
+        )
+        config.validate()
+        if objects.exists(METADATA_KEY):
+            raise InvalidInputError(f"a store already exists at {objects.uri}")
+        if not objects.is_empty():
+            raise NotAStoreError(f"{objects.uri} exists and is not empty; a new store needs an empty location")
+        if not objects.write_new(METADATA_KEY, config.to_json()):
+            raise InvalidInputError(f"a store was created at {objects.uri} concurrently")
+        return cls(objects, config)
+
+    @classmethod
+    def open(cls, uri: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
+             read_only: bool = False) -> GradStore:
+        """Open an existing store: validate `gradstore.json`, rebuild the index from the manifests."""
+        objects = open_objects(uri, storage_options)
+        try:
+            raw = objects.read(METADATA_KEY)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            if objects.is_empty():
+                raise StoreNotFoundError(f"no store at {objects.uri}") from None
+            raise NotAStoreError(f"{objects.uri} exists but is not a gradstore (no {METADATA_KEY})") from None
+        config = StoreConfig.from_json(raw, objects.uri)
+        store = cls(objects, config, read_only=read_only)
+        if not read_only and objects.list_dir(JOURNAL):
+            store._replay_journal()
+        return store
+
+    @property
+    def uri(self) -> str:
+        return self._objects.uri
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def dtype(self) -> str:
+        return self.config.dtype
+
+    @property
+    def model_id(self) -> str:
+        return self.config.model_id
+
+    def refresh(self) -> None:
+        """Pick up segments committed (or retired) by other processes since the last look."""
+        names = {n[: -len(".json")] for n in self._objects.list_dir(MANIFESTS) if n.endswith(".json")}
+        with self._lock:
+            known = set(self._index.manifests)
+        if names == known:
+            return
+        manifests = {s: m for s, m in self._index.manifests.items() if s in names}
+        for segment in sorted(names - known):
+            key = f"{MANIFESTS}/{segment}.json"
+            try:
+                manifests[segment] = Manifest.from_json(self._objects.read(key), f"{self.uri}/{key}")
+            except FileNotFoundError:
+                continue  # retired between listing and reading
+        index = Index.build(manifests)
+        with self._lock:
+            self._index = index
+            self._readers = {s: r for s, r in self._readers.items() if s in manifests}
+
+    # ---------------------------------------------------------------------------------------------- writing
+    def writer(self, *, buffer_bytes: int = 0, name: str | None = None) -> StoreWriter:
+        """A writer for one thread / process / rank. See `StoreWriter` for durability."""
+        if self.read_only:
+            raise ReadOnlyError(f"{self.uri} was opened read-only")
+        from .writer import StoreWriter
+
+        return StoreWriter(self, buffer_bytes=buffer_bytes, name=name)
+
+    def _commit(self, data: SegmentData, *, replaces: tuple[str, ...] = (), writer: str = "") -> Manifest:
+        """Write a segment and commit it with a create-only manifest. Returns the manifest."""
+        segment = new_segment_id()
+        manifest = write_segment(self._objects, self.config, segment, data, replaces=replaces, writer=writer)
+        if not self._objects.write_new(f"{MANIFESTS}/{segment}.json", manifest.to_json()):
+            raise FormatError(f"manifest of new segment {segment} already exists")  # a UUID collision
+        with self._lock:
+            self._index.add(manifest)
+        return manifest
+
+    def _contains_live(self, example_id: ExampleId) -> bool:
+        with self._lock:
+            return example_id in self._index.locate
+
+    # ---------------------------------------------------------------------------------------------- reading
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._index.locate)
+
+    def __contains__(self, example_id: object) -> bool:
+        try:
+            key = normalize_id(example_id)
+        except InvalidInputError:
+            return False
+        return self._contains_live(key)
+
+    def ids(self) -> list[ExampleId]:
+        """Every live ID, in commit order."""
+        with self._lock:
+            index = self._index
+        return [index.manifests[s].ids[p] for s in index.live for p in index.live_positions(s)]
+
+    def _reader(self, segment: str) -> SegmentReader:
+        with self._lock:
+            reader = self._readers.get(segment)
+            if reader is None:
+                reader = self._readers[segment] = SegmentReader(self._objects, self._index.manifests[segment])
+            return reader
+
+    def _resolve(self, ids: Iterable[Any]) -> list[tuple[ExampleId, str, int]]:
+        keys = [normalize_id(i) for i in ids]
+        with self._lock:
+            locate = self._index.locate
+            missing = [k for k in keys if k not in locate]
+        if missing:
+            self.refresh()  # another process may have committed them since we looked
+            with self._lock:
+                locate = self._index.locate
+                missing = [k for k in keys if k not in locate]
+            for key in missing:
+                raise ErasedError(key) if self.is_erased(key) else UnknownIdError(key)
+        with self._lock:
+            return [(k, *self._index.locate[k]) for k in keys]
+
+    def get(self, example_id: Any) -> Example:
+        """One example. Unknown IDs raise `UnknownIdError` (a KeyError); erased ones `ErasedError`."""
+        batch = self.get_many([example_id], with_meta=True)
+        return batch.example(0)
+
+    def get_many(self, ids: Iterable[Any], *, with_meta: bool = False) -> Batch:
+        """Many examples in one batched read, as a CSR `Batch` in the order asked (repeats allowed)."""
+        ids = list(ids)
+        for attempt in range(2):
+            located = self._resolve(ids)
+            try:
+                return self._read(located, with_meta)
+            except FileNotFoundError:
+                # A segment was retired by an erasure or compaction in another process: look again, once.
+                if attempt:
+                    raise
+                self.refresh()
+        raise AssertionError("unreachable")
+
+    def _read(self, located: list[tuple[ExampleId, str, int]], with_meta: bool) -> Batch:
+        by_segment: dict[str, list[int]] = {}
+        for _, segment, position in located:
+            by_segment.setdefault(segment, []).append(position)
+        int8 = self.config.dtype == "int8"
+
+        def read(segment: str) -> tuple[str, Any, Any]:
+            reader = self._reader(segment)
+            positions = by_segment[segment]
+            return segment, reader.read_rows(positions, int8), reader.read_meta(positions) if with_meta else None
+
+        segments = list(by_segment)
+        if len(segments) > 1:
+            results = list(_READ_POOL.map(read, segments))
+        else:
+            results = [read(s) for s in segments]
+        # Reassemble in request order: each segment's rows came back in the order of its positions.
+        parts: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray | None, Any]] = {}
+        for segment, (tokens, rows, scales), metas in results:
+            offsets = self._reader(segment).row_ranges(by_segment[segment])
+            pos = 0
+            for i, (position, (lo, hi)) in enumerate(zip(by_segment[segment], offsets, strict=True)):
+                k = hi - lo
+                parts[(segment, position)] = (tokens[pos : pos + k], rows[pos : pos + k],
+                                              None if scales is None else scales[pos : pos + k],
+                                              None if metas is None else metas[i])
+                pos += k
+        ordered = [parts[(s, p)] for _, s, p in located]
+        lengths = [len(t) for t, _, _, _ in ordered]
+        offsets = torch.zeros(len(ordered) + 1, dtype=torch.int64)
+        if ordered:
+            offsets[1:] = torch.tensor(np.cumsum(lengths), dtype=torch.int64)
+        dim, stored = self.config.dim, _stored_dtype(self.config.dtype)
+        token_ids = np.concatenate([t for t, _, _, _ in ordered]) if ordered else np.zeros(0, np.int32)
+        rows = np.concatenate([r for _, r, _, _ in ordered]) if ordered else np.zeros((0, dim), stored)
+        scales = None
+        if int8:
+            scales = torch.from_numpy(np.concatenate([s for _, _, s, _ in ordered]) if ordered
+                                      else np.zeros(0, np.float32))
+        return Batch(
+            ids=[k for k, _, _ in located],
+            offsets=offsets,
+            token_ids=torch.from_numpy(token_ids.astype(np.int32, copy=False)),
+            rows=decode_rows(rows, self.config.dtype),
+            scales=scales,
+            meta=[m for _, _, _, m in ordered] if with_meta else None,
+        )
+
+    def iter_batches(self, batch_size: int = 256, *, with_meta: bool = False) -> Iterator[Batch]:
+        """Every live example, streamed in CSR batches of up to `batch_size` (each batch from one segment)."""
+        with self._lock:
+            index = self._index
+        for segment in index.live:
+            positions = index.live_positions(segment)
+            ids = index.manifests[segment].ids
+            for start in range(0, len(positions), batch_size):
+                chunk = positions[start : start + batch_size]
+                try:
+                    yield self._read([(ids[p], segment, p) for p in chunk], with_meta)
+                except FileNotFoundError:
+                    break  # retired meanwhile by another process; its examples live on in a newer segment
+
+    # ------------------------------------------------------------------------------------------ tombstones
+    def id_hash(self, example_id: Any) -> str:
+        """The salted hash that tombstones and audit records keep instead of the ID (HMAC-SHA256, hex)."""
+        key = id_key(normalize_id(example_id)).encode()
+        return hmac.new(self._salt, key, hashlib.sha256).hexdigest()
+
+    def is_erased(self, example_id: Any) -> bool:
+        """True if a tombstone records that this ID was erased (and it has not been appended again since)."""
+        key = normalize_id(example_id)
+        return not self._contains_live(key) and self._objects.exists(f"{TOMBSTONES}/{self.id_hash(key)}.json")
+
+    # ------------------------------------------------------------------------------------------- mutations
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyError(f"{self.uri} was opened read-only")
+
+    def erase(self, ids: Iterable[Any]) -> ErasureReceipt:
+        """Physically erase examples: their rows, token ids, sequences and metadata leave every file.
+
+        Each affected segment is rewritten without them, the new manifest is committed (naming the old segment
+        as replaced), then the old manifest and files are deleted. A tombstone keeps the salted ID hash, the
+        time and the receipt id. Idempotent: already-erased IDs are reported, not an error; IDs the store never
+        held raise `UnknownIdError` before anything changes. Crash-safe: the intent (hashes + segments) is
+        journaled first and replayed by the next `open` or mutation.
+        """
+        self._check_writable()
+        keys = list(dict.fromkeys(normalize_id(i) for i in ids))
+        if not keys:
+            raise InvalidInputError("erase needs at least one ID")
+        with mutation_lock(self._objects):
+            self._replay_journal(locked=True)
+            self.refresh()
+            present = [k for k in keys if self._contains_live(k)]
+            already = [k for k in keys if not self._contains_live(k) and self.is_erased(k)]
+            unknown = [k for k in keys if not self._contains_live(k) and k not in already]
+            if unknown:
+                raise UnknownIdError(unknown[0], f"cannot erase unknown ID {unknown[0]!r}: not in the store"
+                                     + (f" (and {len(unknown) - 1} more unknown)" if len(unknown) > 1 else ""))
+            receipt_id = uuid.uuid4().hex
+            now = time.time()
+            if not present:
+                return ErasureReceipt(receipt_id, [], already, 0, 0, now)
+            with self._lock:
+                segments = sorted({self._index.locate[k][0] for k in present})
+            hashes = sorted(self.id_hash(k) for k in present)
+            journal = {"receipt": receipt_id, "hashes": hashes, "segments": segments, "time": now}
+            self._objects.write_new(f"{JOURNAL}/{receipt_id}.json", json.dumps(journal).encode())
+            rewritten, removed = self._apply_erasure(journal)
+        return ErasureReceipt(receipt_id, present, already, rewritten, removed, now)
+
+    def _apply_erasure(self, journal: dict[str, Any]) -> tuple[int, int]:
+        """Tombstones, then segment rewrites, then drop the journal entry. Safe to repeat after a crash."""
+        for h in journal["hashes"]:
+            tombstone = {"hash": h, "erased_at": journal["time"], "receipt": journal["receipt"]}
+            self._objects.write(f"{TOMBSTONES}/{h}.json", json.dumps(tombstone).encode())
+        drop = set(journal["hashes"])
+        rewritten = removed = 0
+        self.refresh()
+        for segment in journal["segments"]:
+            with self._lock:
+                live = segment in self._index.live
+            if live:
+                freed = self._rewrite_segment(segment, lambda i: self.id_hash(i) in drop)
+                rewritten += freed is not None
+                removed += freed or 0
+        self._objects.delete(f"{JOURNAL}/{journal['receipt']}.json")
+        return rewritten, removed
+
+    def _replay_journal(self, locked: bool = False) -> None:
+        """Finish erasures that a crash interrupted (their intent is in `journal/`)."""
+        names = self._objects.list_dir(JOURNAL)
+        if not names:
+            return
+        if not locked:
+            with mutation_lock(self._objects):
+                self._replay_journal(locked=True)
+            return
+        for name in names:
+            try:
+                journal = json.loads(self._objects.read(f"{JOURNAL}/{name}"))
+            except FileNotFoundError:
+                continue
+            except ValueError:  # torn write cannot happen (atomic puts); refuse to guess
+                raise FormatError(f"{self.uri}: unreadable journal entry {name}") from None
+            self._apply_erasure(journal)
+        self._retire_superseded()
+
+    def _rewrite_segment(self, segment: str, drop: Any) -> int | None:
+        """Replace a live segment by a copy without the examples for which `drop(id)` is true.
+
+        Returns the bytes freed, or None if nothing in the segment matched. Must hold the mutation lock.
+        """
+        with self._lock:
+            manifest = self._index.manifests[segment]
+        keep = [p for p, i in enumerate(manifest.ids) if not drop(i)]
+        if len(keep) == manifest.n_examples:
+            return None
+        replaces = (segment, *manifest.replaces)
+        if keep:
+            data = self._reader(segment).read_all().select(keep)
+            new = self._commit(data, replaces=replaces, writer="rewrite")
+            freed = manifest.stored_bytes - new.stored_bytes
+        else:
+            freed = manifest.stored_bytes
+        self._retire(segment)
+        return freed
+
+    def _retire(self, segment: str) -> None:
+        """Delete a segment: manifest first (the segment stops being visible), then its files."""
+        self._objects.delete(f"{MANIFESTS}/{segment}.json")
+        self._objects.delete_prefix(f"{SEGMENTS}/{segment}")
+        with self._lock:
+            self._index.remove(segment)
+            self._readers.pop(segment, None)
+
+    def _retire_superseded(self) -> int:
+        with self._lock:
+            dead = self._index.superseded()
+        for segment in dead:
+            self._retire(segment)
+        return len(dead)
+
+    def drop_shadowed(self, ids: Iterable[ExampleId]) -> None:
+        """Physically remove older copies of replaced IDs (called by writers after `replace=True` appends)."""
+        self._check_writable()
+        wanted = set(ids)
+        with mutation_lock(self._objects):
+            self.refresh()
+            with self._lock:
+                index = self._index
+                targets = [s for s in index.live
+                           if any(i in wanted and index.locate.get(i) != (s, p)
+                                  for p, i in enumerate(index.manifests[s].ids))]
+            for segment in targets:
+                with self._lock:
+                    locate = dict(self._index.locate)
+                    ids_here = self._index.manifests[segment].ids
+                keep_pos = {p for p, i in enumerate(ids_here) if locate.get(i) == (segment, p)}
+                stale = {i for p, i in enumerate(ids_here) if p not in keep_pos}
+                self._rewrite_segment(segment, lambda i, stale=stale: i in stale)
+
+    def compact(self, *, target_rows: int = 1 << 20, small_rows: int | None = None) -> CompactionReport:
+        """Merge small segments into segments of up to `target_rows` rows; delete dead and orphaned files.
+
+        A segment is small if it has fewer than `small_rows` rows (default: a quarter of `target_rows`). Shadowed
+        copies of replaced IDs are dropped while merging. Orphans (segment files without a manifest, left by a
+        crashed writer) are deleted once older than an hour, so that segments being written are never touched.
+        """
+        self._check_writable()
+        small_rows = target_rows // 4 if small_rows is None else small_rows
+        with mutation_lock(self._objects):
+            self._replay_journal(locked=True)
+            self.refresh()
+            superseded = self._retire_superseded()
+            orphans = self._remove_orphans()
+            with self._lock:
+                index = self._index
+                before = len(index.live)
+                small = [s for s in index.live if index.manifests[s].n_rows < small_rows]
+            groups: list[list[str]] = []
+            rows = 0
+            for segment in small:
+                n = index.manifests[segment].n_rows
+                if not groups or rows + n > target_rows:
+                    groups.append([])
+                    rows = 0
+                groups[-1].append(segment)
+                rows += n
+            merged = 0
+            for group in groups:
+                if len(group) < 2:
+                    continue
+                parts = [self._reader(s).read_all().select(index.live_positions(s)) for s in group]
+                replaces = tuple(dict.fromkeys(r for s in group for r in (s, *index.manifests[s].replaces)))
+                self._commit(SegmentData.concatenate(parts), replaces=replaces, writer="compact")
+                for segment in group:
+                    self._retire(segment)
+                merged += len(group)
+            with self._lock:
+                after = len(self._index.live)
+        return CompactionReport(before, after, merged, orphans, superseded)
+
+    def _remove_orphans(self) -> int:
+        with self._lock:
+            known = set(self._index.manifests)
+        removed = 0
+        now_ns = time.time_ns()
+        for segment in self._objects.list_dir(SEGMENTS):
+            if segment in known or not SEGMENT_NAME.fullmatch(segment):
+                continue  # live, or not a segment (zarr's own group metadata lives here too)
+            age_s = (now_ns - int(segment.split("-", 1)[0])) / 1e9
+            if age_s > ORPHAN_GRACE_S:
+                self._objects.delete_prefix(f"{SEGMENTS}/{segment}")
+                removed += 1
+        return removed
+
+    # --------------------------------------------------------------------------------------------- records
+    def append_audit(self, record: dict[str, Any]) -> str:
+        """Append one audit record (JSON object; must not hold raw IDs). Returns its key."""
+        self._check_writable()
+        key = f"{AUDIT}/{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+        self._objects.write_new(key, json.dumps(record, sort_keys=True).encode())
+        return key
+
+    def audit_log(self) -> list[dict[str, Any]]:
+        """Every audit record, oldest first."""
+        return [json.loads(self._objects.read(f"{AUDIT}/{n}")) for n in self._objects.list_dir(AUDIT)
+                if n.endswith(".json")]
+
+    @property
+    def objects(self) -> ObjectStore:
+        """Byte-level access to the store's location (for components that keep their own records in it)."""
+        return self._objects
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            index = self._index
+        manifests = [index.manifests[s] for s in index.live]
+        rows = sum(m.n_rows for m in manifests)
+        itemsize = _ITEMSIZE[self.config.dtype]
+        logical = rows * self.config.dim * itemsize + (rows * 4 if self.config.dtype == "int8" else 0)
+        return StoreStats(
+            uri=self.uri, model_id=self.config.model_id, dtype=self.config.dtype, dim=self.config.dim,
+            vocab_size=self.config.vocab_size, format_version=self.config.format_version,
+            examples=len(index.locate), rows=rows, segments=len(manifests),
+            tombstones=sum(n.endswith(".json") for n in self._objects.list_dir(TOMBSTONES)),
+            shadowed_copies=index.shadowed, bytes_on_disk=self._objects.size_of_prefix(""),
+            rows_logical_bytes=logical, rows_stored_bytes=sum(m.rows_stored_bytes for m in manifests),
+            codec=self.config.codec.__dict__,
+        )
+
+    def __repr__(self) -> str:
+        return f"GradStore({self.uri!r}, examples={len(self)}, dtype={self.config.dtype}, dim={self.config.dim})"
+
+
+def _stored_dtype(dtype: str) -> type:
+    return {"float32": np.float32, "bfloat16": np.uint16, "int8": np.int8}[dtype]
+

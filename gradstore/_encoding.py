@@ -88,7 +88,12 @@ class EncodedRows:
 
 
 def encode_rows(rows: Any, dim: int, dtype: str, where: str) -> EncodedRows:
-    """Check one example's rows ([k, D], finite floats) and convert them to the store's dtype."""
+    """Check one example's rows ([k, D], finite floats) and convert them to the store's dtype.
+
+    The finiteness checks run on numpy views (torch's bf16 kernels are slow on CPU): float32 with
+    `np.isfinite`, bfloat16 on its bits (exponent all ones = Inf or NaN, which also catches float32 values
+    that overflow bfloat16).
+    """
     if isinstance(rows, np.ndarray):
         if not np.issubdtype(rows.dtype, np.floating):
             raise InvalidInputError(f"{where}: rows must be floating point, got dtype {rows.dtype}")
@@ -101,20 +106,29 @@ def encode_rows(rows: Any, dim: int, dtype: str, where: str) -> EncodedRows:
         raise InvalidInputError(f"{where}: rows must be a torch.Tensor or numpy array, got {type(rows).__name__}")
     if tensor.ndim != 2 or tensor.shape[1] != dim:
         raise InvalidInputError(f"{where}: rows must have shape [k, {dim}], got {tuple(tensor.shape)}")
-    if tensor.numel() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).any(dim=1).nonzero()[0, 0])
-        raise InvalidInputError(f"{where}: row {bad} holds NaN or Inf")
-    if dtype == "float32":
-        return EncodedRows(tensor.to(torch.float32).contiguous().numpy(), None)
     if dtype == "bfloat16":
-        bits = tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
-        if tensor.numel() and not bool(torch.isfinite(tensor.to(torch.bfloat16)).all()):
-            raise InvalidInputError(f"{where}: rows overflow bfloat16 (|x| > 3.39e38)")
+        if tensor.dtype != torch.bfloat16:
+            _check_finite(tensor.to(torch.float32).numpy(), where)
+            tensor = tensor.to(torch.bfloat16)
+        bits = tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
+        bad = ((bits & 0x7F80) == 0x7F80).any(axis=1)
+        if bad.any():
+            raise InvalidInputError(f"{where}: row {int(bad.argmax())} holds NaN or Inf (or overflows bfloat16)")
         return EncodedRows(bits, None)
+    values = tensor.to(torch.float32).contiguous().numpy()
+    _check_finite(values, where)
+    if dtype == "float32":
+        return EncodedRows(values, None)
     if dtype == "int8":
-        values, scales = quantize_int8(tensor.to(torch.float32))
-        return EncodedRows(values, scales)
+        quantized, scales = quantize_int8(torch.from_numpy(values))
+        return EncodedRows(quantized, scales)
     raise InvalidInputError(f"unsupported dtype {dtype!r}")
+
+
+def _check_finite(values: np.ndarray, where: str) -> None:
+    if values.size and not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).any(axis=1).argmax())
+        raise InvalidInputError(f"{where}: row {bad} holds NaN or Inf")
 
 
 def quantize_int8(rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

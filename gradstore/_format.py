@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import FormatError, FormatVersionError, InvalidInputError
+from .errors import FormatError, FormatVersionError, InvalidInputError, NotAStoreError
 
 FORMAT_NAME = "gradstore"
 FORMAT_VERSION = 1
@@ -99,9 +99,11 @@ class StoreConfig:
             doc = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise FormatError(f"{where}: gradstore.json is not valid JSON ({err})") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-            raise FormatError(f"{where}: gradstore.json does not describe a gradstore (format={doc.get('format')!r})"
-                              if isinstance(doc, dict) else f"{where}: gradstore.json is not an object")
+        if not isinstance(doc, dict):
+            raise FormatError(f"{where}: gradstore.json is not a JSON object")
+        if doc.get("format") != FORMAT_NAME:
+            raise NotAStoreError(f"{where}: gradstore.json does not describe a gradstore "
+                                 f"(format={doc.get('format')!r})")
         version = doc.get("format_version")
         if not isinstance(version, int):
             raise FormatError(f"{where}: gradstore.json has no integer format_version")

@@ -37,6 +37,10 @@ class ObjectStore(ABC):
     def write(self, key: str, data: bytes) -> None:
         """Write or replace `key` atomically: readers see the old or the new object, never a mix."""
 
+    def write_raw(self, key: str, data: bytes) -> None:
+        """Write an object of a segment being built: no atomic rename, no fsync (`make_durable` comes later)."""
+        self.write(key, data)
+
     @abstractmethod
     def write_new(self, key: str, data: bytes) -> bool:
         """Create `key` only if it does not exist; returns False (and writes nothing) if it does."""
@@ -114,6 +118,12 @@ class LocalObjects(ObjectStore):
         tmp = self._write_temp(key, data)
         os.replace(tmp, self._path(key))
         self._sync_dir(self._path(key).parent)
+
+    def write_raw(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
 
     def write_new(self, key: str, data: bytes) -> bool:
         # The temp file is complete and fsynced before it gets its final name, so a crash can never leave a

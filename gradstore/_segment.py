@@ -26,9 +26,8 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from ._chunks import ChunkedArrayReader, UnsupportedLayout
+from ._arrays import ChunkedArrayReader, UnsupportedLayout, write_array
 from ._encoding import ExampleId
 from ._format import StoreConfig
 from ._objects import ObjectStore
@@ -162,36 +161,27 @@ class Manifest:
         return manifest
 
 
-def _codecs(config: StoreConfig, itemsize: int) -> list[Any]:
-    codec = config.codec
-    compressors: list[Any] = []
-    if codec.name == "blosc-zstd":
-        compressors.append(BloscCodec(cname="zstd", clevel=codec.level, shuffle=codec.shuffle, typesize=itemsize))
-    elif codec.name == "zstd":
-        compressors.append(ZstdCodec(level=codec.level))
-    if codec.checksum:
-        compressors.append(Crc32cCodec())
-    return compressors
-
-
 def _round_up(value: int, multiple: int) -> int:
     return max(multiple, -(-value // multiple) * multiple)
+
+
+def group_metadata(attributes: dict[str, Any]) -> bytes:
+    """A Zarr v3 group's zarr.json."""
+    return json.dumps({"attributes": attributes, "zarr_format": 3, "node_type": "group"}, indent=2).encode()
 
 
 def write_segment(objects: ObjectStore, config: StoreConfig, segment: str, data: SegmentData,
                   replaces: tuple[str, ...] = (), writer: str = "") -> Manifest:
     """Write the segment's arrays (not yet visible) and return its manifest, ready to be committed."""
     root = f"{SEGMENTS}/{segment}"
-    group = zarr.create_group(objects.zarr_store(), path=root,
-                              attributes={"segment": segment, "ids": list(data.ids), "dtype": config.dtype})
+    objects.write_raw(f"{root}/zarr.json",
+                      group_metadata({"segment": segment, "ids": list(data.ids), "dtype": config.dtype}))
+    sizes: dict[str, int] = {}
 
     def put(name: str, values: np.ndarray, chunk: int, shard: int) -> None:
-        chunks = (chunk, *values.shape[1:])
-        shards = (_round_up(min(shard, max(len(values), 1)), chunk), *values.shape[1:])
-        array = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks, shards=shards,
-                                   compressors=_codecs(config, values.dtype.itemsize), fill_value=0)
-        if values.size:
-            array[...] = values
+        # A segment smaller than a shard gets one shard of its own (rounded up to whole chunks).
+        shard = _round_up(min(shard, max(len(values), 1)), chunk)
+        sizes[name] = write_array(objects, f"{root}/{name}", values, chunk, shard, config.codec)
 
     put("rows", data.rows, config.chunk_rows, config.shard_rows)
     if data.scales is not None:
@@ -203,9 +193,8 @@ def write_segment(objects: ObjectStore, config: StoreConfig, segment: str, data:
     put("meta_json", data.meta_json, 1 << 16, _SMALL_SHARD)
     put("meta_offsets", data.meta_offsets, _SMALL_CHUNK, _SMALL_SHARD)
     objects.make_durable(root)
-    rows_bytes = objects.size_of_prefix(f"{root}/rows") + objects.size_of_prefix(f"{root}/scales")
     return Manifest(segment=segment, ids=tuple(data.ids), row_offsets=data.row_offsets, replaces=replaces,
-                    stored_bytes=objects.size_of_prefix(root), rows_stored_bytes=rows_bytes,
+                    stored_bytes=sum(sizes.values()), rows_stored_bytes=sizes["rows"] + sizes.get("scales", 0),
                     created=time.time(), writer=writer)
 
 

@@ -23,7 +23,16 @@ from ._format import METADATA_KEY, CodecConfig, StoreConfig
 from ._index import Index
 from ._lock import mutation_lock
 from ._objects import ObjectStore, open_objects
-from ._segment import MANIFESTS, SEGMENTS, Manifest, SegmentData, SegmentReader, new_segment_id, write_segment
+from ._segment import (
+    MANIFESTS,
+    SEGMENTS,
+    Manifest,
+    SegmentData,
+    SegmentReader,
+    group_metadata,
+    new_segment_id,
+    write_segment,
+)
 from .errors import (
     ErasedError,
     FormatError,
@@ -147,6 +156,9 @@ class GradStore:
             raise NotAStoreError(f"{objects.uri} exists and is not empty; a new store needs an empty location")
         if not objects.write_new(METADATA_KEY, config.to_json()):
             raise InvalidInputError(f"a store was created at {objects.uri} concurrently")
+        # The store is also a Zarr v3 hierarchy: the root and segments/ are groups, each segment a subgroup.
+        objects.write("zarr.json", group_metadata({"gradstore_format_version": config.format_version}))
+        objects.write(f"{SEGMENTS}/zarr.json", group_metadata({}))
         return cls(objects, config)
 
     @classmethod

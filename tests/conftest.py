@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+# triton.jit picks interpret-vs-compile from TRITON_INTERPRET when a kernel is decorated, so
+# without CUDA the interpreter must be requested before gradstore_kernels loads its kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,16 +1,20 @@
-"""A small, fast reader of row ranges of the Zarr v3 arrays that this store writes.
+"""Reading and writing the Zarr v3 arrays of a segment, without zarr-python on the hot path.
 
-Why not read through zarr-python: on a 2-core machine a query of 8 random examples (~280 rows x 768 bf16 each)
-took 18-100 ms through zarr-python's generic selection machinery, against a budget of 5 ms; tensorstore took
-3-7 ms; this reader 2-4 ms (benchmarks/store_io.py measures all three). The work itself is small — locate the
-chunks, read their bytes, decompress — so the reader does exactly that: it caches each shard's chunk index
-(so a chunk costs one ranged read), coalesces adjacent chunks into one read (one request on S3), decodes
-chunks in parallel threads (blosc and zstd release the GIL) and verifies every crc32c.
+The arrays are plain Zarr v3 (spec codecs only: `sharding_indexed`, `bytes`, `blosc` or `zstd`, `crc32c`), so
+zarr-python, tensorstore or any other implementation reads them; the metadata (`zarr.json`) is produced by
+zarr-python itself. Only the bytes of shards are encoded and decoded here, for speed, measured on this 2-core
+machine with bf16 rows of D=768 (benchmarks/store_io.py):
 
-It understands only the layouts the writer produces — arrays chunked along the first dimension, optionally
-sharded (`sharding_indexed`), with `bytes` + optional `blosc`/`zstd` + optional `crc32c` codecs — and says so
-(`UnsupportedLayout`) for anything else; the caller then falls back to zarr-python. Parity with zarr-python
-is tested.
+- Reading 8 random examples (~270 rows each) took 18-100 ms through zarr-python's generic selection machinery,
+  3-7 ms through tensorstore, and 2-4 ms here: the reader caches each shard's chunk index (a chunk then costs
+  one ranged read), coalesces adjacent chunks into one read (one request on S3), decodes in parallel threads
+  (blosc and zstd release the GIL) and verifies every crc32c.
+- Writing went through zarr-python at ~65 MB/s while blosc itself compresses these rows at ~230 MB/s per core:
+  the writer here encodes each shard's chunks in parallel and writes the shard as one object.
+
+The reader understands exactly the layouts the writer produces — arrays chunked along the first dimension,
+optionally sharded — and says so (`UnsupportedLayout`) for anything else; the caller then falls back to
+zarr-python. Parity with zarr-python is tested in both directions.
 """
 
 from __future__ import annotations
@@ -23,13 +27,16 @@ from dataclasses import dataclass
 
 import google_crc32c
 import numpy as np
+import zarr
 from numcodecs import Blosc, Zstd
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from ._format import CodecConfig
 from ._objects import ObjectStore
 from .errors import FormatError
 
 _MISSING = np.uint64(2**64 - 1)  # sharding index entry of a chunk that was never written (all fill value)
-_DECODE_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gradstore-decode")
+_CODEC_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gradstore-codec")
 _COALESCE_GAP = 1 << 16  # read two chunks with one request if at most 64 KiB lie between them
 
 
@@ -237,7 +244,7 @@ class ChunkedArrayReader:
         needed = sorted({c for lo, hi in ranges if hi > lo for c in range(lo // L.inner_rows, (hi - 1) // L.inner_rows + 1)})
         reads = self._locate(needed)
         if len(reads) > 1:
-            results = [r for batch in _DECODE_POOL.map(self._fetch, reads) for r in batch]
+            results = [r for batch in _CODEC_POOL.map(self._fetch, reads) for r in batch]
         else:
             results = self._fetch(reads[0])
         decoded = dict(results)
@@ -256,3 +263,93 @@ class ChunkedArrayReader:
 
     def read_all(self) -> np.ndarray:
         return self.read_ranges([(0, self.layout.shape[0])])
+
+
+# ------------------------------------------------------------------------------------------------- writing
+_SHUFFLES = {"bitshuffle": Blosc.BITSHUFFLE, "shuffle": Blosc.SHUFFLE, "noshuffle": Blosc.NOSHUFFLE}
+_metadata_cache: dict[tuple, dict] = {}
+_metadata_lock = threading.Lock()
+
+
+def _zarr_codecs(codec: CodecConfig, itemsize: int) -> list:
+    compressors: list = []
+    if codec.name == "blosc-zstd":
+        compressors.append(BloscCodec(cname="zstd", clevel=codec.level, shuffle=codec.shuffle, typesize=itemsize))
+    elif codec.name == "zstd":
+        compressors.append(ZstdCodec(level=codec.level))
+    if codec.checksum:
+        compressors.append(Crc32cCodec())
+    return compressors
+
+
+def array_metadata(shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int, shard_rows: int,
+                   codec: CodecConfig) -> dict:
+    """The zarr.json of an array, as zarr-python writes it (made once per layout in memory, then reused)."""
+    key = (tuple(shape[1:]), np.dtype(dtype).str, chunk_rows, shard_rows, codec)
+    with _metadata_lock:
+        template = _metadata_cache.get(key)
+        if template is None:
+            probe = zarr.create_array(zarr.storage.MemoryStore(), shape=(shard_rows, *shape[1:]), dtype=dtype,
+                                      chunks=(chunk_rows, *shape[1:]), shards=(shard_rows, *shape[1:]),
+                                      compressors=_zarr_codecs(codec, np.dtype(dtype).itemsize), fill_value=0)
+            template = _metadata_cache[key] = probe.metadata.to_dict()
+    return {**json.loads(json.dumps(template)), "shape": list(shape)}
+
+
+class _ChunkEncoder:
+    def __init__(self, codec: CodecConfig):
+        self.codec = codec
+        if codec.name == "blosc-zstd":
+            self._compressor = Blosc(cname="zstd", clevel=codec.level, shuffle=_SHUFFLES[codec.shuffle])
+        elif codec.name == "zstd":
+            self._compressor = Zstd(level=codec.level)
+        else:
+            self._compressor = None
+
+    def __call__(self, chunk: np.ndarray) -> bytes:
+        # blosc takes its typesize from the array's itemsize, as zarr's blosc codec declares it.
+        data = chunk.astype(chunk.dtype.newbyteorder("<"), copy=False)
+        encoded = bytes(self._compressor.encode(np.ascontiguousarray(data))) if self._compressor else data.tobytes()
+        if self.codec.checksum:
+            encoded += google_crc32c.value(encoded).to_bytes(4, "little")
+        return encoded
+
+
+def _encode_shard(values: np.ndarray, chunk_rows: int, shard_rows: int, encode: _ChunkEncoder) -> bytes:
+    """One shard: its chunks back to back, then the index [(offset, nbytes)] + crc32c (index at the end)."""
+    n_chunks = -(-len(values) // chunk_rows)
+    chunks = []
+    for c in range(n_chunks):
+        block = values[c * chunk_rows : (c + 1) * chunk_rows]
+        if len(block) < chunk_rows:  # an edge chunk is stored at full size, padded with the fill value
+            block = np.concatenate([block, np.zeros((chunk_rows - len(block), *values.shape[1:]), values.dtype)])
+        chunks.append(block)
+    encoded = list(_CODEC_POOL.map(encode, chunks)) if len(chunks) > 2 else [encode(c) for c in chunks]
+    index = np.full((shard_rows // chunk_rows, 2), _MISSING, dtype="<u8")
+    offset = 0
+    for c, data in enumerate(encoded):
+        index[c] = (offset, len(data))
+        offset += len(data)
+    index_bytes = index.tobytes()
+    return b"".join(encoded) + index_bytes + google_crc32c.value(index_bytes).to_bytes(4, "little")
+
+
+def write_array(objects: ObjectStore, path: str, values: np.ndarray, chunk_rows: int, shard_rows: int,
+                codec: CodecConfig) -> int:
+    """Write `values` as a sharded Zarr v3 array at `path`; returns the bytes written.
+
+    Shards of `shard_rows` rows (the last one shorter), chunks of `chunk_rows` rows, each chunk compressed and
+    checksummed as `codec` says. `shard_rows` must be a multiple of `chunk_rows`.
+    """
+    metadata = array_metadata(values.shape, values.dtype, chunk_rows, shard_rows, codec)
+    separator = metadata["chunk_key_encoding"]["configuration"]["separator"]
+    encode = _ChunkEncoder(codec)
+    written = 0
+    for s, start in enumerate(range(0, len(values), shard_rows)):
+        shard = _encode_shard(values[start : start + shard_rows], chunk_rows, shard_rows, encode)
+        coords = separator.join([str(s)] + ["0"] * (values.ndim - 1))
+        objects.write_raw(f"{path}/c{separator}{coords}", shard)
+        written += len(shard)
+    meta_bytes = json.dumps(metadata, indent=2).encode()
+    objects.write_raw(f"{path}/zarr.json", meta_bytes)
+    return written + len(meta_bytes)

@@ -502,6 +502,16 @@ class GradStore:
                 stale = {i for p, i in enumerate(ids_here) if p not in keep_pos}
                 self._rewrite_segment(segment, lambda i, stale=stale: i in stale)
 
+    def remove_shadowed(self) -> int:
+        """Physically remove every copy of an ID hidden by a newer one; returns how many IDs had copies."""
+        with self._lock:
+            index = self._index
+            shadowed = {i for s in index.live for p, i in enumerate(index.manifests[s].ids)
+                        if index.locate.get(i) != (s, p)}
+        if shadowed:
+            self.drop_shadowed(shadowed)
+        return len(shadowed)
+
     def compact(self, *, target_rows: int = 1 << 20, small_rows: int | None = None) -> CompactionReport:
         """Merge small segments into segments of up to `target_rows` rows; delete dead and orphaned files.
 

@@ -1,0 +1,44 @@
+"""Run by test_capture_ddp.py under torchrun: DDP training with capture, every rank writing its own segments."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import VOCAB, pad_batch, tiny_gpt2
+
+from gradstore import GradStore
+from gradstore_unlearn.capture import GradientCapture
+
+DATA = [{"id": f"ex{i}", "input_ids": [(5 * i + 2 * j) % VOCAB for j in range(3 + i % 4)]} for i in range(15)]  # odd: the sampler pads an epoch with a repeat
+
+
+def main(uri: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = DistributedDataParallel(tiny_gpt2(seed=0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    sampler = DistributedSampler(DATA, shuffle=True, seed=0)
+    loader = DataLoader(DATA, batch_size=2, sampler=sampler, collate_fn=lambda items: items)
+    store = GradStore.open(uri)
+    with GradientCapture(model, store, optimizer=optimizer, writer_name=f"rank{rank}") as capture:
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            capture.epoch = epoch
+            for items in loader:
+                with capture.batch([x["id"] for x in items]):
+                    model(**pad_batch([x["input_ids"] for x in items])).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    print(f"rank {rank} captured {capture.report.examples_captured}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

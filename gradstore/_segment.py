@@ -263,6 +263,17 @@ class SegmentReader:
             out.append(meta)
         return out
 
+    def read_sequences(self, positions: list[int]) -> list[np.ndarray]:
+        """Each example's token sequence (int32), without reading rows or metadata."""
+        seq_offsets = self._offsets("seq_offsets")
+        ranges = [(int(seq_offsets[p]), int(seq_offsets[p + 1])) for p in positions]
+        tokens = self._array("seq_tokens").read_ranges(ranges)
+        out, pos = [], 0
+        for lo, hi in ranges:
+            out.append(tokens[pos : pos + hi - lo])
+            pos += hi - lo
+        return out
+
     def read_all(self) -> SegmentData:
         """The whole segment in memory (for rewriting it during erasure or compaction)."""
         arrays = {name: self._array(name).read_all() for name in ("rows", "token_ids", "seq_tokens", "meta_json")}

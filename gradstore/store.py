@@ -361,6 +361,21 @@ class GradStore:
                 except FileNotFoundError:
                     break  # retired meanwhile by another process; its examples live on in a newer segment
 
+    def iter_sequences(self, batch_size: int = 4096) -> Iterator[tuple[list[ExampleId], list[np.ndarray]]]:
+        """Every live example's token sequence (int32 arrays; empty if none was stored), rows left unread."""
+        with self._lock:
+            index = self._index
+        for segment in index.live:
+            positions = index.live_positions(segment)
+            ids = index.manifests[segment].ids
+            for start in range(0, len(positions), batch_size):
+                chunk = positions[start : start + batch_size]
+                try:
+                    sequences = self._reader(segment).read_sequences(chunk)
+                except FileNotFoundError:
+                    break
+                yield [ids[p] for p in chunk], sequences
+
     # ------------------------------------------------------------------------------------------ tombstones
     def id_hash(self, example_id: Any) -> str:
         """The salted hash that tombstones and audit records keep instead of the ID (HMAC-SHA256, hex)."""

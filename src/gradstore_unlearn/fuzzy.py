@@ -1,0 +1,172 @@
+"""Fuzzy matching: which stored examples match a text ("forget everything that looks like this").
+
+Examples are compared by sets of token n-grams (shingles) of their stored token sequences. Two indexes:
+
+- `ShingleIndex` (default): an inverted index shingle -> examples. A query touches only the examples that
+  share at least one shingle with it, then gets their *exact* Jaccard similarity (and containment). Exact,
+  and fast while shingles are selective — true of personal records (names, numbers, addresses).
+- `MinHashIndex`: MinHash signatures with LSH banding. Approximate (a pair of Jaccard similarity J becomes a
+  candidate with probability 1 - (1 - J^r)^b), but its cost per query does not depend on how common the
+  query's shingles are; candidates are then verified exactly, so it never reports a false match, only may
+  miss one near the threshold.
+
+benchmarks/fuzzy_scaling.py measures both on growing stores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradstore import GradStore
+
+DEFAULT_NGRAM = 3
+
+
+def shingles(tokens: Sequence[int] | np.ndarray, n: int = DEFAULT_NGRAM) -> frozenset[int]:
+    """The set of a sequence's token n-grams, each hashed to an int (a sequence shorter than n is one shingle)."""
+    array = np.asarray(tokens, dtype=np.int64)
+    if array.size == 0:
+        return frozenset()
+    if array.size < n:
+        return frozenset([hash(tuple(array.tolist()))])
+    windows = np.lib.stride_tricks.sliding_window_view(array, n)
+    # A polynomial rolling combination of the n token ids, vectorised (collisions are as rare as in a 64-bit hash).
+    mixed = np.zeros(len(windows), dtype=np.uint64)
+    for j in range(n):
+        mixed = mixed * np.uint64(1_000_003) + windows[:, j].astype(np.uint64)
+    return frozenset(mixed.tolist())
+
+
+@dataclass(frozen=True)
+class Match:
+    """A stored example that matches a query: Jaccard |Q∩S|/|Q∪S| and containment |Q∩S|/|Q| of shingle sets."""
+
+    id: int | str
+    jaccard: float
+    containment: float
+
+    def score(self, metric: str) -> float:
+        return self.jaccard if metric == "jaccard" else self.containment
+
+
+METRICS = ("jaccard", "containment")
+
+
+class ShingleIndex:
+    """Exact similarity search through an inverted index of shingles."""
+
+    def __init__(self, n: int = DEFAULT_NGRAM):
+        self.n = n
+        self._postings: dict[int, list[int]] = defaultdict(list)
+        self._ids: list[int | str] = []
+        self._sizes: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, example_id: int | str, tokens: Sequence[int] | np.ndarray) -> None:
+        shingle_set = shingles(tokens, self.n)
+        slot = len(self._ids)
+        self._ids.append(example_id)
+        self._sizes.append(len(shingle_set))
+        for s in shingle_set:
+            self._postings[s].append(slot)
+
+    def add_store(self, store: GradStore) -> ShingleIndex:
+        for ids, sequences in store.iter_sequences():
+            for example_id, tokens in zip(ids, sequences, strict=True):
+                self.add(example_id, tokens)
+        return self
+
+    def query(self, tokens: Sequence[int], threshold: float = 0.5, metric: str = "jaccard",
+              limit: int | None = None) -> list[Match]:
+        """Examples whose `metric` similarity to the query is >= threshold, best first."""
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+        query = shingles(tokens, self.n)
+        if not query:
+            return []
+        overlap: dict[int, int] = defaultdict(int)
+        for s in query:
+            for slot in self._postings.get(s, ()):
+                overlap[slot] += 1
+        matches = []
+        for slot, common in overlap.items():
+            match = Match(self._ids[slot], common / (len(query) + self._sizes[slot] - common), common / len(query))
+            if match.score(metric) >= threshold:
+                matches.append(match)
+        matches.sort(key=lambda m: (-m.score(metric), str(m.id)))
+        return matches[:limit] if limit else matches
+
+
+class MinHashIndex:
+    """Approximate Jaccard search: MinHash signatures (`bands` x `rows` hashes) bucketed by LSH bands.
+
+    Candidates are verified with the exact Jaccard of their shingle sets, so reported similarities are exact.
+    """
+
+    _PRIME = (1 << 31) - 1  # a, x < p keep a*x + b below 2**63: exact in uint64
+
+    def __init__(self, n: int = DEFAULT_NGRAM, bands: int = 32, rows: int = 4, seed: int = 0):
+        self.n, self.bands, self.rows = n, bands, rows
+        rng = np.random.default_rng(seed)
+        size = bands * rows
+        self._a = rng.integers(1, self._PRIME, size=size, dtype=np.uint64)
+        self._b = rng.integers(0, self._PRIME, size=size, dtype=np.uint64)
+        self._buckets: list[dict[bytes, list[int]]] = [defaultdict(list) for _ in range(bands)]
+        self._ids: list[int | str] = []
+        self._sets: list[frozenset[int]] = []
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def _signature(self, shingle_set: frozenset[int]) -> np.ndarray:
+        values = np.fromiter(shingle_set, dtype=np.uint64, count=len(shingle_set)) % np.uint64(self._PRIME)
+        # (a*x + b) mod p for every hash function and shingle: a universal hash family
+        hashed = (self._a[:, None] * values[None, :] + self._b[:, None]) % np.uint64(self._PRIME)
+        return hashed.min(axis=1)
+
+    def _band_keys(self, signature: np.ndarray) -> Iterable[tuple[int, bytes]]:
+        for band in range(self.bands):
+            chunk = signature[band * self.rows : (band + 1) * self.rows]
+            yield band, hashlib.blake2b(chunk.tobytes(), digest_size=8).digest()
+
+    def add(self, example_id: int | str, tokens: Sequence[int] | np.ndarray) -> None:
+        shingle_set = shingles(tokens, self.n)
+        slot = len(self._ids)
+        self._ids.append(example_id)
+        self._sets.append(shingle_set)
+        if not shingle_set:
+            return
+        for band, key in self._band_keys(self._signature(shingle_set)):
+            self._buckets[band][key].append(slot)
+
+    def add_store(self, store: GradStore) -> MinHashIndex:
+        for ids, sequences in store.iter_sequences():
+            for example_id, tokens in zip(ids, sequences, strict=True):
+                self.add(example_id, tokens)
+        return self
+
+    def query(self, tokens: Sequence[int], threshold: float = 0.5, metric: str = "jaccard",
+              limit: int | None = None) -> list[Match]:
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+        query = shingles(tokens, self.n)
+        if not query:
+            return []
+        candidates: set[int] = set()
+        for band, key in self._band_keys(self._signature(query)):
+            candidates.update(self._buckets[band].get(key, ()))
+        matches = []
+        for slot in candidates:
+            common = len(query & self._sets[slot])
+            match = Match(self._ids[slot], common / len(query | self._sets[slot]), common / len(query))
+            if match.score(metric) >= threshold:
+                matches.append(match)
+        matches.sort(key=lambda m: (-m.score(metric), str(m.id)))
+        return matches[:limit] if limit else matches

@@ -347,6 +347,18 @@ class GradStore:
             meta=[m for _, _, _, m in ordered] if with_meta else None,
         )
 
+    def get_sequences(self, ids: Iterable[Any]) -> list[list[int]]:
+        """The stored token sequences of these examples (empty lists where none was stored), rows left unread."""
+        located = self._resolve(list(ids))
+        by_segment: dict[str, list[int]] = {}
+        for _, segment, position in located:
+            by_segment.setdefault(segment, []).append(position)
+        found: dict[tuple[str, int], list[int]] = {}
+        for segment, positions in by_segment.items():
+            for position, tokens in zip(positions, self._reader(segment).read_sequences(positions), strict=True):
+                found[(segment, position)] = tokens.tolist()
+        return [found[(s, p)] for _, s, p in located]
+
     def iter_batches(self, batch_size: int = 256, *, with_meta: bool = False) -> Iterator[Batch]:
         """Every live example, streamed in CSR batches of up to `batch_size` (each batch from one segment)."""
         with self._lock:

@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import sys
 import time
@@ -168,7 +169,8 @@ def card_name(device: str) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, on_progress=None) -> dict:
+    """The report; `on_progress(report)` is called after every (size, provider) row, with the rows so far."""
     device = args.device
     V, D = args.vocab, args.dim
     rows_dtype, w_dtype = DTYPES[args.rows_dtype], DTYPES[args.w_dtype]
@@ -183,6 +185,23 @@ def run(args: argparse.Namespace) -> dict:
     W0 = (torch.randn(V, D, device=device) * 0.02).to(w_dtype)
     Q = torch.randn(V, D, device=device) * 0.02 if args.separate_q else None
     results = []
+    report = {
+        "device": card_name(device),
+        "device_type": device,
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "python": platform.python_version(),
+        "copy_bandwidth_gbps": bandwidth,
+        "config": {
+            "vocab": V, "dim": D, "rows_per_example": args.rows_per_example, "rows_dtype": args.rows_dtype,
+            "w_dtype": args.w_dtype, "q": "separate fp32" if args.separate_q else "W (aliased)",
+            "token_ids": "Zipf(1)", "repeats": args.repeats, "statistic": "median",
+            "cpu_threads": torch.get_num_threads(),
+        },
+        "skipped_providers": skipped,
+        "complete": False,
+        "results": results,
+    }
     for n in args.sizes:
         offsets, token_ids, rows, lr = zipf_batch(n, args.rows_per_example, V, D, rows_dtype, device, args.seed)
         R = rows.shape[0]
@@ -206,6 +225,8 @@ def run(args: argparse.Namespace) -> dict:
                 row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 print(f"{name} @ {R} rows failed: {row['error']}", file=sys.stderr)
                 results.append(row)
+                if on_progress is not None:
+                    on_progress(report)
                 continue
             eager_ms = ms if name == "torch_eager" else eager_ms
             row.update(
@@ -215,23 +236,11 @@ def run(args: argparse.Namespace) -> dict:
                 speedup_vs_eager=None if eager_ms is None else eager_ms / ms,
             )
             results.append(row)
+            if on_progress is not None:
+                on_progress(report)
             del W_check, W_bench
-    return {
-        "device": card_name(device),
-        "device_type": device,
-        "torch": torch.__version__,
-        "triton": triton_version(),
-        "python": platform.python_version(),
-        "copy_bandwidth_gbps": bandwidth,
-        "config": {
-            "vocab": V, "dim": D, "rows_per_example": args.rows_per_example, "rows_dtype": args.rows_dtype,
-            "w_dtype": args.w_dtype, "q": "separate fp32" if args.separate_q else "W (aliased)",
-            "token_ids": "Zipf(1)", "repeats": args.repeats, "statistic": "median",
-            "cpu_threads": torch.get_num_threads(),
-        },
-        "skipped_providers": skipped,
-        "results": results,
-    }
+    report["complete"] = True
+    return report
 
 
 def triton_version() -> str | None:
@@ -306,20 +315,48 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+class _Terminated(BaseException):
+    """SIGTERM (e.g. from `timeout`): stop measuring, keep what was measured."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = run(args)
-    print(table(report))
     stem = args.name or "kernel_throughput_" + (
-        "cpu" if args.device == "cpu" else re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
+        "cpu" if args.device == "cpu"
+        else re.sub(r"[^a-z0-9]+", "-", card_name(args.device).lower()).strip("-")
     )
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.out / f"{stem}.json", args.out / f"{stem}.png"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, png_path)
-    print(f"wrote {json_path} and {png_path}", file=sys.stderr)
+    latest: dict = {}
+
+    def save(report: dict) -> None:  # after every row, so a run cut short still leaves its rows
+        latest["report"] = report
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        report = run(args, on_progress=save)
+    except (_Terminated, KeyboardInterrupt):
+        if "report" not in latest:
+            raise
+        report = latest["report"]
+        print("interrupted: writing the rows measured so far", file=sys.stderr)
+    save(report)
+    print(table(report))
+    try:
+        plot(report, png_path)
+    except ImportError as exc:  # matplotlib is optional: the JSON and the table are the results
+        print(f"no plot ({exc}); wrote {json_path}", file=sys.stderr)
+    else:
+        print(f"wrote {json_path} and {png_path}", file=sys.stderr)
+    if not report["complete"]:
+        sys.exit(124)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ class ForgetError(InvalidInputError):
 class ForgetConfig:
     """How `forget` calibrates. Defaults are the engine's recommended method; see the module docstring."""
 
-    retain_tolerance: float = 0.02  # the retain loss, and its perplexity, may rise by at most this fraction
+    retain_tolerance: float = 0.02  # the retain loss (guard="loss") or perplexity may rise by at most this
+    guard: str = "loss"  # "loss": the mean loss; "perplexity": the loss and exp(loss) both within the tolerance
     target_tolerance: float = 0.02  # success when the forget mean is within this fraction of the target
     row_weighting: str = "ownership"  # "ownership" | "none" (the paper's plain ascent)
     ownership_power: float = 2.0
@@ -85,6 +86,7 @@ class ForgetConfig:
     bisect_steps: int = 14
     max_iterations: int = 40
     iterative_step: float = 0.02  # first fresh step, as a fraction of ||W|| (x1.5 after a good step, /2 after a bad)
+    confidence_power: float = 0.0  # > 0: fresh ascent weighs each token by p^γ (see gradients.own_mean_losses)
     retain_sample: int = 64
     repair: bool = True  # after each fresh step, descend the loss of retained examples on rows not owned
     seed: int = 0
@@ -397,7 +399,8 @@ class Unlearner:
             target, float(forget_before.mean()), retain_before)
         # The guard bounds both the retain loss (by the fraction) and the retain perplexity (by the same
         # fraction): whichever is stricter. For losses above 1 nat that is the perplexity.
-        limit = retain_before + min(cfg.retain_tolerance * retain_before, math.log1p(cfg.retain_tolerance))
+        limit = retain_before + (min(cfg.retain_tolerance * retain_before, math.log1p(cfg.retain_tolerance))
+                                 if cfg.guard == "perplexity" else cfg.retain_tolerance * retain_before)
         # In iterative mode the stored step may spend only half of the guard's budget: the fresh steps that
         # follow need room to work in (measured: a stored step that spends it all leaves them stuck).
         stored_limit = limit if mode == "first_epoch" else (retain_before + limit) / 2
@@ -517,7 +520,8 @@ class Unlearner:
                 break
             pull = (targets - losses).float()
             grad, extra = embedding_gradient(self.model, sequences, (pull / pull.abs().sum()).tolist(),
-                                             pad_token_id=self.pad_token_id, params=[p for _, p in params[1:]])
+                                             pad_token_id=self.pad_token_id, params=[p for _, p in params[1:]],
+                                             confidence_power=cfg.confidence_power)
             direction = grad * ownership[:, None]
             norm = float(direction.norm())
             if norm == 0:
@@ -533,7 +537,7 @@ class Unlearner:
                     self._repair(batch, shared, step * w_norm)
                 new_losses = self._losses(sequences)
                 r = float(self._losses(retain).mean()) if retain else 0.0
-                evaluations += 4 if batch else 2
+                evaluations += 2
                 log.debug("step %d (size %.3g): forget loss %.4f (target %.4f), retain loss %.4f (limit %.4f)",
                           iterations, step, float(new_losses.mean()), target, r, limit)
                 if r <= limit and float(new_losses.mean()) <= band[1]:
@@ -550,22 +554,17 @@ class Unlearner:
         return float(losses.mean()), r, iterations, evaluations
 
     def _repair(self, batch: list[list[int]], shared: torch.Tensor, size: float) -> None:
-        """Descend the batch's loss on the rows the forgotten examples do not own (best of two step sizes)."""
+        """Descend the batch's loss on the rows the forgotten examples do not own, by half the ascent's size.
+
+        A fixed fraction rather than a line search: the guard judges the combined step anyway, and each point
+        of a line search costs a pass over the batch (the largest cost of a request on a CPU).
+        """
         weight = self.model.get_input_embeddings().weight
         direction = embedding_gradient(self.model, batch, pad_token_id=self.pad_token_id)[0] * shared
         norm = float(direction.norm())
-        if norm == 0:
-            return
-        start = weight.detach().clone()
-        best: tuple[float, float] | None = None
-        for fraction in (0.5, 1.0):
+        if norm > 0:
             with torch.no_grad():
-                weight.copy_(start - direction * (fraction * size / norm))
-            loss = float(self._losses(batch).mean())
-            if best is None or loss < best[0]:
-                best = (loss, fraction)
-        with torch.no_grad():
-            weight.copy_(start - direction * (best[1] * size / norm))
+                weight.sub_(direction, alpha=0.5 * size / norm)
 
     def _stored_keys(self, ids: list[Any]) -> list[Any]:
         if self.config.stored_epochs == "first":

@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import VOCAB, pad_batch, tiny_gpt2
+from tiny_models import VOCAB, pad_batch, tiny_gpt2
 
 from gradstore import GradStore
 from gradstore_unlearn.capture import GradientCapture

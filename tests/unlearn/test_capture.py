@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from conftest import VOCAB, pad_batch
+from tiny_models import VOCAB, pad_batch
 
 from gradstore import GradStore
 from gradstore_unlearn.capture import GradientCapture, epoch_record_id
@@ -67,7 +67,7 @@ def test_captured_rows_equal_per_example_reference(tmp_path, tiny_model):
 
 
 def test_position_rows_are_captured_by_position(tmp_path):
-    from conftest import tiny_gpt2
+    from tiny_models import tiny_gpt2
 
     model = tiny_gpt2()
     store = make_store(tmp_path, model)
@@ -84,7 +84,7 @@ def test_position_rows_are_captured_by_position(tmp_path):
 
 
 def test_policies_first_all_off_across_two_epochs(tmp_path):
-    from conftest import tiny_gpt2
+    from tiny_models import tiny_gpt2
 
     batches = [(["a", "b"], SEQUENCES[:2]), (["c", "a"], [SEQUENCES[2], SEQUENCES[0]])]  # "a" twice per epoch
     results = {}
@@ -101,7 +101,7 @@ def test_policies_first_all_off_across_two_epochs(tmp_path):
 
 
 def test_first_policy_skips_ids_already_in_the_store(tmp_path):
-    from conftest import tiny_gpt2
+    from tiny_models import tiny_gpt2
 
     model = tiny_gpt2()
     store = make_store(tmp_path, model)
@@ -113,18 +113,19 @@ def test_first_policy_skips_ids_already_in_the_store(tmp_path):
 
 
 def test_a_slow_store_stalls_training_but_drops_nothing(tmp_path, monkeypatch):
-    from conftest import tiny_gpt2
+    from tiny_models import tiny_gpt2
 
     model = tiny_gpt2()
     store = make_store(tmp_path, model)
-    capture = GradientCapture(model, store, max_pending=1)
-    real_append = capture._writer.append
+    capture = GradientCapture(model, store, max_pending=1, writer_threads=1)
+    (writer,) = capture._writers
+    real_append = writer.append
 
     def slow_append(*args, **kwargs):
         time.sleep(0.2)
         return real_append(*args, **kwargs)
 
-    monkeypatch.setattr(capture._writer, "append", slow_append)
+    monkeypatch.setattr(writer, "append", slow_append)
     batches = [([f"x{s}-{i}" for i in range(2)], SEQUENCES[:2]) for s in range(6)]
     with capture:
         train_steps(model, capture, batches)
@@ -133,7 +134,7 @@ def test_a_slow_store_stalls_training_but_drops_nothing(tmp_path, monkeypatch):
 
 
 def test_eval_forwards_and_forwards_without_ids_are_not_captured(tmp_path):
-    from conftest import tiny_gpt2
+    from tiny_models import tiny_gpt2
 
     model = tiny_gpt2()
     store = make_store(tmp_path, model)
@@ -147,7 +148,7 @@ def test_eval_forwards_and_forwards_without_ids_are_not_captured(tmp_path):
 
 
 def test_errors_are_clear(tmp_path):
-    from conftest import tiny_gpt2
+    from tiny_models import tiny_gpt2
 
     model = tiny_gpt2()
     with pytest.raises(ValueError, match="width 32, the store's dim is 16"):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 import transformers
-from conftest import VOCAB, pad_batch, tiny_gpt2
 from test_capture import reference_rows
+from tiny_models import VOCAB, pad_batch, tiny_gpt2
 from torch.utils.data import SequentialSampler
 
 from gradstore import GradStore

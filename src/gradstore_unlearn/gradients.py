@@ -134,7 +134,10 @@ def embedding_hvp(model: torch.nn.Module, sequences: Sequence[Sequence[int]], ve
     """
     weight = model.get_input_embeddings().weight
     out = torch.zeros_like(weight, dtype=torch.float32)
-    with _training_mode(model, False), torch.enable_grad():
+    # The fused attention kernels have no second derivative; the math one does.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with _training_mode(model, False), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
         for _, input_ids, mask in _batches(sequences, batch_size, pad_token_id, weight.device):
             loss = own_mean_losses(model, input_ids, mask).sum() / len(sequences)
             (grad,) = torch.autograd.grad(loss, [weight], create_graph=True)

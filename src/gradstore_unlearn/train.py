@@ -129,7 +129,7 @@ def train_model(model: transformers.PreTrainedModel, sequences: Sequence[Sequenc
     losses: list[float] = []
     tokens = 0
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=description, disable=not progress, unit="step", leave=False)
+    bar = tqdm(total=total_steps, desc=description, disable=not progress, unit="step", leave=False, mininterval=2.0)
     try:
         if capture is not None:
             capture.start()

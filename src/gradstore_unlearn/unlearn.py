@@ -74,7 +74,7 @@ class ForgetConfig:
     """How `forget` calibrates. Defaults are the engine's recommended method; see the module docstring."""
 
     retain_tolerance: float = 0.02  # the retain loss (guard="loss") or perplexity may rise by at most this
-    guard: str = "loss"  # "loss": the mean loss; "perplexity": the loss and exp(loss) both within the tolerance
+    guard: str = "perplexity"  # "perplexity": the loss and exp(loss) both within the tolerance; "loss": the loss
     target_tolerance: float = 0.02  # success when the forget mean is within this fraction of the target
     row_weighting: str = "ownership"  # "ownership" | "none" (the paper's plain ascent)
     ownership_power: float = 2.0
@@ -249,10 +249,10 @@ class Unlearner:
         """(repair pool, guard sample) of retained examples.
 
         Damage from forgetting concentrates on the retained examples that share tokens with the forgotten ones
-        (a shared surname, street, employer): a random sample rarely contains them and hides it. So both the
-        repair pool and the guard contain the `retain_sample` retained examples most at risk (the ones whose
-        tokens the forgotten examples own most), checked exhaustively rather than estimated; the rest of each is
-        a random sample, disjoint between the two, so that repair is also judged on examples it never saw.
+        (a shared surname, street, employer), so the repair pool holds the retained examples most at risk (the
+        ones whose tokens the forgotten examples own most) plus a random sample. The guard is a random sample
+        disjoint from the repair pool: repair is judged on examples it never saw (measured: a guard that
+        overlaps the repair pool passed requests that raised the loss of unseen retained examples by 17%).
         From the caller's retain sequences if given, else from the store's other examples.
         """
         size = self.config.retain_sample
@@ -268,12 +268,13 @@ class Unlearner:
         own = ownership.cpu().numpy()
         risk = [float(own[np.unique(np.asarray(s, dtype=np.int64))].sum()) for s in pool]
         order = sorted(range(len(pool)), key=lambda j: -risk[j])
-        at_risk = [j for j in order[:size] if risk[j] > 0]
-        rest = [j for j in order if j not in set(at_risk)]
+        at_risk = [j for j in order[: min(size, len(pool) // 3)] if risk[j] > 0]
+        chosen = set(at_risk)
+        rest = [j for j in range(len(pool)) if j not in chosen]
         rng.shuffle(rest)
-        half = min(size, len(rest) // 2)
+        half = max(1, min(size, len(rest) // 2))
         repair = [pool[j] for j in at_risk + rest[:half]]
-        guard = [pool[j] for j in rest[half : 2 * half]]
+        guard = [pool[j] for j in rest[half : 2 * half]] or [pool[j] for j in rest[:half]]
         return repair, guard
 
     def document_frequency(self) -> torch.Tensor:
@@ -401,9 +402,9 @@ class Unlearner:
         # fraction): whichever is stricter. For losses above 1 nat that is the perplexity.
         limit = retain_before + (min(cfg.retain_tolerance * retain_before, math.log1p(cfg.retain_tolerance))
                                  if cfg.guard == "perplexity" else cfg.retain_tolerance * retain_before)
-        # In iterative mode the stored step may spend only half of the guard's budget: the fresh steps that
+        # In iterative mode the stored step may spend only a quarter of the guard's budget: the fresh steps that
         # follow need room to work in (measured: a stored step that spends it all leaves them stuck).
-        stored_limit = limit if mode == "first_epoch" else (retain_before + limit) / 2
+        stored_limit = limit if mode == "first_epoch" else retain_before + (limit - retain_before) / 4
         params = self._parameters()
         base = {n: p.detach().clone() for n, p in params}
         weight = params[0][1]
@@ -528,6 +529,7 @@ class Unlearner:
                 break
             batch = rng.sample(repair, min(cfg.retain_sample, len(repair))) if cfg.repair and repair else []
             before = [p.detach().clone() for _, p in params]
+            admissible_r = r
             while step >= cfg.iterative_step / 256:
                 with torch.no_grad():
                     weight.add_(direction, alpha=step * w_norm / norm)
@@ -547,6 +549,20 @@ class Unlearner:
                 with torch.no_grad():
                     for (_, param), saved in zip(params, before, strict=True):
                         param.copy_(saved)
+                if batch and r > limit:
+                    # Out of guard budget: a repair step alone may win some back (it descends the retained
+                    # examples' loss on rows the forgotten ones do not own); keep it if it does.
+                    self._repair(batch, shared, step * w_norm)
+                    repaired = float(self._losses(retain).mean()) if retain else 0.0
+                    evaluations += 1
+                    if repaired < admissible_r:
+                        r = admissible_r = repaired
+                        before = [p.detach().clone() for _, p in params]
+                        continue
+                    with torch.no_grad():
+                        for (_, param), saved in zip(params, before, strict=True):
+                            param.copy_(saved)
+                    r = admissible_r
                 step /= 2
             else:
                 r = float(self._losses(retain).mean()) if retain else 0.0

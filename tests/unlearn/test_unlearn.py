@@ -1,0 +1,268 @@
+"""The unlearning engine: calibration, modes, idempotency, erasure, crash safety, bad input, fuzzy, HVP."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from forget_setup import VOCAB, World, build_world, record, tiny_model
+
+from gradstore import ErasedError, GradStore, InvalidInputError, UnknownIdError
+from gradstore_unlearn.evaluate import sequence_losses, token_logprobs
+from gradstore_unlearn.fuzzy import MinHashIndex, ShingleIndex
+from gradstore_unlearn.gradients import embedding_hvp, inverse_hvp
+from gradstore_unlearn.unlearn import ForgetConfig, ForgetError, Unlearner, model_hash
+
+SECRET = slice(9, 13)  # positions of the four secret tokens in a record
+# The retain loss of these tiny records is ~0.25 nats: a 2% guard is 0.005 nats, finer than the noise of a
+# 20-example guard sample. Tests that need the target reached allow 10% (0.025 nats); others keep the default.
+LENIENT = ForgetConfig(retain_tolerance=0.10)
+
+
+class SpaceTokenizer:
+    """Texts are token ids written out ("1 2 5 ..."): enough for the text paths of the engine."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [int(t) for t in text.split()]}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("world") / "store")
+
+
+@pytest.fixture
+def world(built, tmp_path):
+    """A private copy of the trained model and its store, so that each test may forget freely."""
+    shutil.copytree(built.store.uri, tmp_path / "store")
+    return World(copy.deepcopy(built.model), GradStore.open(tmp_path / "store"), built.train, built.holdout,
+                 built.judge)
+
+
+def secret_logprob(model, sequences) -> float:
+    """Mean log-probability of the secret tokens: high when memorised, ~log(1/10) or lower when not."""
+    return float(torch.stack([lp[SECRET.start - 1 : SECRET.stop - 1].mean() for lp in
+                              token_logprobs(model, sequences)]).mean())
+
+
+def test_iterative_forgetting_reaches_never_seen_levels_and_erases(world):
+    unlearner = Unlearner(world.model, world.store, config=LENIENT)
+    target_before = world.train["r1"]
+    seen_secret = secret_logprob(world.model, [target_before])
+    report = unlearner.forget(["r1"], mode="iterative")
+    assert report.status == "forgotten", report.message
+    assert report.forget_loss_after == pytest.approx(report.target_loss, rel=0.021)
+    assert report.retain_loss_after <= report.retain_loss_before * 1.10 + 1e-9
+    # Judged on never-seen records the calibration did not use: same loss level, secret no longer known.
+    judge = sequence_losses(world.model, world.judge)
+    assert float(sequence_losses(world.model, [target_before])[0]) > float(judge.quantile(0.1))
+    # The secret is far less known than before, though not yet as unknown as a never-seen one (this overfit
+    # model is confidently wrong on those: measured -3.5 vs -5.1 nats per token, from -0.1 before).
+    assert secret_logprob(world.model, [target_before]) < seen_secret - 1.0
+    # Erased, and audited with salted hashes only.
+    with pytest.raises(ErasedError):
+        world.store.get("r1")
+    (audit,) = world.store.audit_log()
+    assert audit["request_id"] == report.request_id and "r1" not in json.dumps(audit)
+    assert audit["id_hashes"] == [world.store.id_hash("r1")]
+    assert audit["model_hash_after"] == model_hash(world.model) != audit["model_hash_before"]
+
+
+def test_first_epoch_mode_stops_at_the_best_admissible_point_when_the_target_is_out_of_reach(world):
+    unlearner = Unlearner(world.model, world.store, config=ForgetConfig(retain_tolerance=0.005))
+    before = sequence_losses(world.model, [world.train["r0"]])
+    report = unlearner.forget(["r0"], mode="first_epoch")
+    assert report.status in ("forgotten", "target_not_met")
+    assert report.retain_loss_after <= report.retain_loss_before * 1.005 + 1e-9
+    assert report.forget_loss_after > float(before[0])  # it did move toward the target...
+    if report.status == "target_not_met":
+        assert "r0" in world.store and "not reached" in report.message  # ...and erased nothing
+
+
+def test_an_over_large_initial_scale_is_pulled_back_by_calibration(world):
+    unlearner = Unlearner(world.model, world.store, config=ForgetConfig(initial_scale=1e6))
+    report = unlearner.forget(["r2"], mode="first_epoch")
+    assert report.forget_loss_after <= report.target_loss * 1.02 + 1e-9  # no overshoot past never-seen
+    assert report.retain_loss_after <= report.retain_loss_before * 1.02 + 1e-9  # no collapse
+    fixed = Unlearner(copy.deepcopy(world.model), world.store,
+                      config=ForgetConfig(initial_scale=1e6, calibrate=False)).forget(["r3"], mode="first_epoch")
+    assert fixed.forget_loss_after > fixed.target_loss * 1.5 or fixed.retain_loss_after > fixed.retain_loss_before * 1.1
+
+
+def test_requests_are_idempotent_and_already_forgotten_ids_are_reported(world):
+    unlearner = Unlearner(world.model, world.store, config=LENIENT)
+    first = unlearner.forget(["r4"], mode="iterative", request_id="req-1")
+    state = model_hash(world.model)
+    again = unlearner.forget(["r4"], mode="iterative", request_id="req-1")
+    assert again.request_id == first.request_id and again.status == first.status
+    assert model_hash(world.model) == state
+    later = unlearner.forget(["r4"], mode="iterative")
+    assert later.status == "nothing_to_do" and later.already_forgotten == ["r4"]
+    assert model_hash(world.model) == state
+
+
+def test_five_sequential_requests_each_act_on_the_current_model(world):
+    unlearner = Unlearner(world.model, world.store, config=LENIENT)
+    hashes = [model_hash(world.model)]
+    statuses = []
+    for i in range(5, 10):
+        report = unlearner.forget([f"r{i}"], mode="iterative")
+        statuses.append(report.status)
+        # each request starts from the model the previous one left, and holds its guard
+        assert report.model_hash_before in (hashes[-1], None)
+        assert report.retain_loss_after <= report.retain_loss_before * 1.10 + 1e-9
+        if report.status == "forgotten":
+            assert report.forget_loss_after >= report.target_loss * 0.98
+            assert f"r{i}" not in world.store
+            hashes.append(report.model_hash_after)
+        else:  # nothing committed: the model stays at the best admissible point, the rows stay stored
+            assert f"r{i}" in world.store
+            hashes.append(model_hash(world.model))
+    assert statuses.count("forgotten") >= 3, statuses
+    assert len(world.store) == 40 - statuses.count("forgotten")
+
+
+def test_bad_input_gets_clear_errors_and_changes_nothing(world, tmp_path):
+    unlearner = Unlearner(world.model, world.store)
+    state, ids = model_hash(world.model), sorted(world.store.ids())
+    with pytest.raises(UnknownIdError, match="cannot forget unknown ID 'nobody'"):
+        unlearner.forget(["r1", "nobody"])
+    with pytest.raises(ForgetError, match="no IDs given"):
+        unlearner.forget([])
+    with pytest.raises(ForgetError, match="unknown mode"):
+        unlearner.forget(["r1"], mode="harder")
+    with pytest.raises(InvalidInputError, match=r"ID 1\.5 has type float"):
+        unlearner.forget([1.5])
+    assert model_hash(world.model) == state and sorted(world.store.ids()) == ids
+    other = GradStore.create(tmp_path / "other", dim=16, vocab_size=VOCAB)
+    with pytest.raises(InvalidInputError, match="was not captured from this model"):
+        Unlearner(world.model, other)
+    empty = GradStore.create(tmp_path / "no-reference", dim=32, vocab_size=VOCAB)
+    with empty.writer() as w:
+        w.append(["x"], [[1, 2]], [torch.ones(2, 32)], [{"tokens": [1, 2, 3], "lr": 0.1}])
+    with pytest.raises(ForgetError, match="no holdout examples"):
+        Unlearner(world.model, empty).forget(["x"])
+
+
+def test_a_crash_after_the_model_is_saved_is_finished_on_restart(world, tmp_path, monkeypatch):
+    model_dir = tmp_path / "model"
+    world.model.save_pretrained(model_dir)
+    unlearner = Unlearner(world.model, world.store, model_dir=model_dir, config=LENIENT)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed between saving the model and erasing")
+
+    monkeypatch.setattr(world.store, "erase", crash)
+    with pytest.raises(KeyboardInterrupt):
+        unlearner.forget(["r1"], mode="iterative", request_id="crashy")
+    monkeypatch.undo()
+    assert "r1" in GradStore.open(world.store.uri)  # not erased yet: the journal holds the intent
+    from gradstore_unlearn.train import load_model
+
+    reloaded, _ = load_model(model_dir)  # the after-state was saved
+    restarted = Unlearner(reloaded, GradStore.open(world.store.uri), model_dir=model_dir, config=LENIENT)
+    assert "r1" not in restarted.store and restarted.store.is_erased("r1")
+    assert restarted.forget(["r1"], request_id="crashy").status == "forgotten"  # the finished request
+
+
+def test_a_crash_before_the_model_is_saved_rolls_back(world, tmp_path, monkeypatch):
+    import gradstore_unlearn.unlearn as engine
+
+    model_dir = tmp_path / "model"
+    world.model.save_pretrained(model_dir)
+    before = model_hash(world.model)
+    unlearner = Unlearner(world.model, world.store, model_dir=model_dir, config=LENIENT)
+    monkeypatch.setattr(engine, "save_weights_atomically", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        unlearner.forget(["r1"], mode="iterative")
+    monkeypatch.undo()
+    from gradstore_unlearn.train import load_model
+
+    reloaded, _ = load_model(model_dir)
+    assert model_hash(reloaded) == before
+    restarted = Unlearner(reloaded, GradStore.open(world.store.uri), model_dir=model_dir)
+    assert "r1" in restarted.store and not restarted.store.objects.list_dir("forget-journal")
+
+
+def test_fuzzy_matching_finds_planted_near_duplicates_and_not_unrelated_records(world):
+    near = list(world.train["r7"])
+    near[6] = (near[6] + 1) % VOCAB  # one token of the name changed
+    for index in (ShingleIndex().add_store(world.store), MinHashIndex(bands=32, rows=2).add_store(world.store)):
+        matches = index.query(near, threshold=0.5)
+        assert [m.id for m in matches] == ["r7"] and 0.5 <= matches[0].jaccard < 1
+    unlearner = Unlearner(world.model, world.store, tokenizer=SpaceTokenizer())
+    text = " ".join(map(str, near))
+    assert [m.id for m in unlearner.find(text, 0.5)] == ["r7"]
+    assert unlearner.find(" ".join(map(str, record(999))), 0.5) == []
+    matches, report = unlearner.forget_text(text, 0.5, dry_run=True)
+    assert report.status == "dry_run" and report.ids == ["r7"] and "r7" in world.store
+    with pytest.raises(ForgetError, match="no stored example matches"):
+        unlearner.forget_text(" ".join(map(str, record(998))), 0.9)
+
+
+def test_influence_ranks_stored_examples_by_gradient_dot_product(world):
+    unlearner = Unlearner(world.model, world.store, tokenizer=SpaceTokenizer())
+    top = unlearner.influence("r3", k=5)
+    assert len(top) == 5 and "r3" not in [i for i, _ in top]
+    assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+    by_text = unlearner.influence(" ".join(map(str, world.train["r3"])), k=3)
+    assert len(by_text) == 3
+    assert unlearner.self_influence("r3") > 0
+    with pytest.raises(ForgetError, match="k must be a positive integer"):
+        unlearner.influence("r3", k=0)
+
+
+def test_hessian_vector_products_match_an_explicit_hessian():
+    model = tiny_model().double()
+    sequences = [record(i)[:8] for i in range(3)]
+    weight = model.get_input_embeddings().weight
+    rows = sorted({t for s in sequences for t in s})[:3]  # the explicit Hessian over all rows would be huge
+    ids = torch.tensor(sequences)
+    mask = torch.ones_like(ids)
+
+    def loss_with_rows(sub):
+        # Both the lookup and the tied output embedding see the replaced rows, as in the model itself.
+        full = weight.detach().index_put((torch.tensor(rows),), sub)
+        out = torch.func.functional_call(model, {"transformer.wte.weight": full, "lm_head.weight": full}, (),
+                                         {"input_ids": ids, "attention_mask": mask})
+        ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        return ce.mean(dim=1).mean()
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):  # fused attention kernels have no second derivative
+        hessian = torch.autograd.functional.hessian(loss_with_rows, weight.detach()[rows].clone())
+    v = torch.zeros_like(weight)
+    v[rows] = torch.randn(len(rows), weight.shape[1], dtype=weight.dtype)
+    hv = embedding_hvp(model, sequences, v)[rows].double()
+    torch.testing.assert_close(hv, torch.einsum("ijkl,kl->ij", hessian, v[rows]), rtol=1e-5, atol=1e-8)
+    # (H + damping I) x = b, solved by conjugate gradient, satisfies the system; LiSSA gets close too.
+    b = torch.randn_like(weight) * 0.01
+    # Damping 10 makes H + damping I positive definite here (CG needs it; the smallest eigenvalue of H of a
+    # model away from a minimum is negative).
+    x = inverse_hvp(model, sequences, b, damping=10.0, iterations=150, tolerance=1e-6)
+    residual = embedding_hvp(model, sequences, x).double() + 10.0 * x - b
+    assert float(residual.norm()) < 1e-3 * float(b.norm())
+    # LiSSA converges when its scale exceeds the largest eigenvalue (estimated here by power iteration), at
+    # rate 1 - (lambda_min + damping) / scale: a heavier damping keeps the test short.
+    u = torch.randn_like(weight)
+    for _ in range(20):
+        u = embedding_hvp(model, sequences, u / u.norm()).double()
+    top = float(u.norm())
+    x = inverse_hvp(model, sequences, b, damping=100.0, iterations=150, tolerance=1e-8)
+    y = inverse_hvp(model, sequences, b, damping=100.0, method="lissa", iterations=300, lissa_scale=1.2 * (top + 100))
+    assert float((y - x).norm()) < 0.02 * float(x.norm())
+
+
+def test_hvp_influence_of_an_example_shrinks_when_it_is_forgotten(world):
+    unlearner = Unlearner(world.model, world.store)
+    sample = list(world.train.values())[10:20]
+    before = unlearner.hvp_influence(world.train["r1"], sample, damping=0.1, iterations=20)
+    unlearner.forget(["r1"], mode="iterative")
+    after = unlearner.hvp_influence(world.train["r1"], sample, damping=0.1, iterations=20)
+    assert before > 0 and after != before

@@ -1,0 +1,101 @@
+"""The `serve` command: `gradstore serve` (registered by `add_serve_command`) and `python -m gradstore_server`.
+
+One uvicorn process, one worker: the process owns the model, and several workers would each hold (and
+publish) their own weights. With `--port 0` the operating system picks a free port; the bound address is
+printed on stdout (`gradstore-server listening on http://HOST:PORT`) before the model is loaded; connections
+are accepted once startup (model load, journal recovery) is done (poll `/healthz`). Exit codes: 0 after a
+clean shutdown, 2 for bad settings or an unusable address, 3 if startup failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .settings import Settings, SettingsError
+
+
+def _storage_options(items: list[str] | None) -> dict[str, Any] | None:
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SettingsError(f"--storage-option expects KEY=VALUE, got {item!r}")
+        options[key] = value
+    return options or None
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the serve options to `parser` (settings not given fall back to GRADSTORE_* variables)."""
+    parser.add_argument("--store", help="store URI: a local path or s3://bucket/prefix (env GRADSTORE_STORE)")
+    parser.add_argument("--model", help="model directory, as written by save_model (env GRADSTORE_MODEL)")
+    parser.add_argument("--host", help="address to listen on (env GRADSTORE_HOST; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port; 0 picks a free one (env GRADSTORE_PORT; default 8000)")
+    parser.add_argument("--device", help="torch device of the model (env GRADSTORE_DEVICE; default cpu)")
+    parser.add_argument("--api-key", action="append", metavar="KEY",
+                        help="an accepted API key; repeatable. Prefer GRADSTORE_API_KEYS (comma-separated): "
+                             "arguments are visible to other users in the process list")
+    parser.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                        help="option for an s3:// store (endpoint_url=..., key=..., secret=...); repeatable")
+    parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
+                        help="log level (env GRADSTORE_LOG_LEVEL; default info)")
+    parser.add_argument("--access-log", action="store_const", const=True,
+                        help="log every request line (env GRADSTORE_ACCESS_LOG; off by default: URLs name IDs)")
+    parser.set_defaults(func=serve)
+    return parser
+
+
+def add_serve_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `serve` on the `gradstore` command line's subparsers (it sets `func` to `serve`)."""
+    parser = subparsers.add_parser("serve", help="run the HTTP server",
+                                   description="Serve lookups, influence queries and forget requests over HTTP.")
+    return configure_parser(parser)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(store=args.store, model=args.model, host=args.host, port=args.port,
+                             device=args.device, api_keys=args.api_key,
+                             storage_options=_storage_options(args.storage_option), log_level=args.log_level,
+                             access_log=args.access_log)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the server until interrupted. Returns the exit code (2 for bad settings)."""
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as err:
+        print(f"gradstore serve: {err}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from .app import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Binding here, not in uvicorn, is what lets port 0 work: the socket we hand over is the one we report.
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as err:
+        print(f"gradstore serve: cannot listen on {settings.host}:{settings.port}: {err}", file=sys.stderr)
+        return 2
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    print(f"gradstore-server listening on http://{shown}:{port}", flush=True)
+    config = uvicorn.Config(create_app(settings), log_level=settings.log_level, workers=1,
+                            access_log=settings.access_log, timeout_graceful_shutdown=30)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    return 0 if server.started else 3  # 3: startup failed (store, model or lock; the log says which)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = configure_parser(argparse.ArgumentParser(prog="python -m gradstore_server",
+                                                      description="Serve a gradstore over HTTP."))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)

@@ -1,0 +1,321 @@
+"""The server's hold on one store and one model: many readers, one writer, and what readers may see.
+
+Readers (lookups, influence, fuzzy matching, dry runs) take the read side of a `RWLock` for the whole of
+their work and read the *published snapshot*: a model object nobody mutates plus an `Unlearner` over it.
+The writer (one forget at a time, on the job runner's thread) calibrates a *private copy* of the model, so
+the long part of a forget — seconds to minutes of loss evaluations — never blocks a reader. Only its commit
+(weights saved atomically, examples erased from the store, audit record, and the new weights published to
+readers) takes the write side. A reader therefore sees the store and the model either both before or both
+after a forget, never a mix: no torn reads.
+
+Work that touches the model's autograd (the gradient of a query text) is serialised by a second lock: the
+library's gradient helpers hook the embedding module, and two threads' hooks on one module would capture
+each other's gradients. On a GPU that work is serialised by the device anyway.
+
+Everything here is synchronous and runs on worker threads (FastAPI's threadpool for requests, the job
+runner's thread for forgets); nothing here may be called on the event loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import functools
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradstore import ErasedError, GradStore, InvalidInputError, UnknownIdError
+from gradstore._encoding import MAX_INT_ID, normalize_id
+from gradstore_kernels import topk_influence
+from gradstore_unlearn.gradients import sparse_rows
+from gradstore_unlearn.train import load_model
+from gradstore_unlearn.unlearn import ForgetConfig, ForgetReport, Unlearner, model_hash
+
+from .errors import ApiError, json_safe
+from .rwlock import RWLock
+from .settings import Settings, SettingsError
+
+log = logging.getLogger("gradstore_server")
+
+LOCK_FILE = ".gradstore-server.lock"
+INFLUENCE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What readers see: a model that nobody mutates, an `Unlearner` over it, and its hash."""
+
+    model: torch.nn.Module
+    unlearner: Unlearner
+    model_hash: str
+    version: int
+
+
+if not callable(getattr(Unlearner, "_commit", None)):  # pragma: no cover - guards a library refactor
+    raise ImportError("gradstore_server needs Unlearner._commit (the library's save + erase + audit step)")
+
+
+class _PublishingUnlearner(Unlearner):
+    """The writer's `Unlearner`: its commit runs inside the engine's write section, which also publishes.
+
+    `Unlearner._commit` is where the library saves the weights, erases the examples and records the audit;
+    wrapping it is the one place where "store after" and "model after" can be made visible together. (A
+    public hook in the library, e.g. a commit context manager passed to `forget`, would be cleaner.)
+    """
+
+    def __init__(self, *args: Any, commit_hook: Callable[[Callable[[], None], ForgetReport], None], **kwargs: Any):
+        self._commit_hook = commit_hook
+        super().__init__(*args, **kwargs)
+
+    def _commit(self, ids: list[Any], report: ForgetReport) -> None:
+        self._commit_hook(functools.partial(Unlearner._commit, self, ids, report), report)
+
+
+class Engine:
+    """Store + model + locks. `start()` opens them (and settles any forget a crash interrupted)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._rw = RWLock()
+        self._autograd = threading.Lock()
+        self._writer_serial = threading.Lock()
+        self._snapshot: Snapshot | None = None
+        self._writer: _PublishingUnlearner | None = None
+        self._lock_file: int | None = None
+        self.store: GradStore | None = None
+        self.tokenizer: Any = None
+        self.degraded: str | None = None  # set when a commit failed half-way: forgets are refused until restart
+        try:
+            self.forget_config = ForgetConfig(**settings.forget_config)
+            self.forget_config.validate()
+        except (TypeError, ValueError) as err:  # an unknown field or an out-of-range value
+            raise SettingsError(f"GRADSTORE_FORGET_CONFIG: {err}") from None
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Open the store and the model; let the library finish or roll back an interrupted forget."""
+        self._take_model_lock()
+        try:
+            self.store = GradStore.open(self.settings.store, storage_options=self.settings.storage_options)
+            model, self.tokenizer = load_model(self.settings.model, device=self.settings.device)
+            model.eval()
+            # The writer's copy comes first: constructing it runs `recover()`, which finishes a forget whose
+            # weights reached the disk (erasure, audit) or drops one whose weights did not. Either way the
+            # weights just loaded are the state the store now agrees with.
+            self._writer = self._new_writer(copy.deepcopy(model))
+            self._snapshot = self._new_snapshot(model, model_hash(model), version=0)
+        except BaseException:
+            self._release_model_lock()
+            raise
+        log.info("serving %s (%d examples) with the model in %s (hash %s)", self.store.uri, len(self.store),
+                 self.settings.model, self._snapshot.model_hash[:16])
+
+    def stop(self) -> None:
+        self._release_model_lock()
+
+    def _take_model_lock(self) -> None:
+        # One process owns the model: two servers on one model directory would each publish their own weights.
+        path = Path(self.settings.model)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is not a saved model (no config.json)")
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(f"another gradstore server is serving the model in {path}") from None
+        self._lock_file = fd
+
+    def _release_model_lock(self) -> None:
+        if self._lock_file is not None:
+            os.close(self._lock_file)  # closing the descriptor releases the flock (a SIGKILL does too)
+            self._lock_file = None
+
+    def _new_writer(self, model: torch.nn.Module) -> _PublishingUnlearner:
+        return _PublishingUnlearner(model, self.store, tokenizer=self.tokenizer, config=self.forget_config,
+                                    model_dir=self.settings.model, commit_hook=self._commit_and_publish)
+
+    def _new_snapshot(self, model: torch.nn.Module, digest: str, version: int) -> Snapshot:
+        # model_dir is given so that the library never treats a journal entry as "no model on disk"; readers
+        # never commit (they only run lookups and dry runs), so it is never written through this object.
+        unlearner = Unlearner(model, self.store, tokenizer=self.tokenizer, config=self.forget_config,
+                              model_dir=self.settings.model)
+        return Snapshot(model, unlearner, digest, version)
+
+    # --------------------------------------------------------------------------------------------- reading
+    @contextmanager
+    def reading(self) -> Iterator[Snapshot]:
+        """The published snapshot, held stable (no commit can land) until the block ends."""
+        with self._rw.read():
+            assert self._snapshot is not None, "engine not started"
+            yield self._snapshot
+
+    def stats(self) -> dict[str, Any]:
+        with self.reading() as snap:
+            store = self.store.stats().to_dict()
+            model = {"hash": snap.model_hash, "version": snap.version, "device": self.settings.device,
+                     "vocab_size": int(snap.model.get_input_embeddings().weight.shape[0]),
+                     "max_positions": _max_positions(snap.model), "tokenizer": self.tokenizer is not None}
+        return {"store": json_safe(store), "model": model}
+
+    def resolve_path_id(self, raw: str, id_type: str = "auto") -> Any:
+        """The stored ID a URL path segment names (see `routers/examples.py` for the rule)."""
+        candidates: list[Any] = []
+        if id_type in ("auto", "str") and _valid_str_id(raw):
+            candidates.append(raw)
+        if id_type in ("auto", "int"):
+            number = _canonical_int(raw)
+            if number is not None:
+                candidates.append(number)
+        for c in candidates:
+            if c in self.store:
+                return c
+        for c in candidates:
+            if self.store.is_erased(c):
+                raise ErasedError(c)
+        shown = raw if len(raw) <= 300 else raw[:300] + "..."
+        raise UnknownIdError(raw, f"unknown ID {shown!r}: not in the store"
+                             + (f" (as id_type={id_type})" if id_type != "auto" else ""))
+
+    def example(self, raw: str, id_type: str, with_rows: bool) -> dict[str, Any]:
+        with self.reading():
+            example_id = self.resolve_path_id(raw, id_type)
+            example = self.store.get(example_id)
+        out: dict[str, Any] = {
+            "id": example.id, "id_type": "int" if isinstance(example.id, int) else "str",
+            "n_tokens": len(example.token_ids), "token_ids": example.token_ids.tolist(),
+            "dtype": self.store.dtype, "dim": self.store.dim, "meta": json_safe(example.meta), "rows": None,
+        }
+        if with_rows:
+            out["rows"] = json_safe(example.dequantized().tolist())
+        return out
+
+    def influence_by_id(self, example_id: Any, k: int) -> list[tuple[Any, float]]:
+        with self.reading() as snap:
+            key = normalize_id(example_id)
+            if key not in self.store:
+                raise ErasedError(key) if self.store.is_erased(key) else UnknownIdError(key)
+            # Under the read lock the ID stays live, so the library takes the ID path (not the text one).
+            return snap.unlearner.influence(key, k)
+
+    def influence_by_text(self, text: str, k: int) -> tuple[int, list[tuple[Any, float]]]:
+        """(tokens in the query, the k most influential stored examples) for a text on the current model."""
+        with self.reading() as snap:
+            tokens = self.encode(text, snap.model)
+            if len(tokens) < 2:
+                raise ApiError(422, "invalid_input", "the text is a single token: it has no next-token loss "
+                               "to take a gradient of")
+            with self._autograd:
+                query = sparse_rows(snap.model, tokens, pad_token_id=snap.unlearner.pad_token_id)
+            top = topk_influence(query, self.store.iter_batches(INFLUENCE_BATCH), k,
+                                 vocab_size=self.store.vocab_size)
+        return len(tokens), [(i, float(v)) for i, v in zip(top.ids, top.scores.tolist(), strict=True)]
+
+    def _need_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise ApiError(422, "no_tokenizer", "the served model has no tokenizer, so texts cannot be used; "
+                           "use IDs instead")
+
+    def encode(self, text: str, model: torch.nn.Module) -> list[int]:
+        """A query text's tokens, checked to fit the model (positions, vocabulary)."""
+        self._need_tokenizer()
+        tokens = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        limit = _max_positions(model)
+        if limit is not None and len(tokens) > limit:
+            raise ApiError(422, "text_too_long", f"the text is {len(tokens)} tokens; the model takes at most {limit}")
+        vocab = int(model.get_input_embeddings().weight.shape[0])
+        if tokens and max(tokens) >= vocab:
+            raise ApiError(422, "invalid_input", "the text encodes to a token the model has no embedding for")
+        return tokens
+
+    def audit(self, offset: int, limit: int) -> tuple[int, list[dict[str, Any]]]:
+        with self.reading():
+            records = self.store.audit_log()
+        return len(records), [json_safe(r) for r in records[offset : offset + limit]]
+
+    def id_hash(self, example_id: Any) -> str:
+        return self.store.id_hash(example_id)
+
+    # -------------------------------------------------------------------------------------------- forgets
+    def plan_ids(self, ids: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+        """(live IDs, already-erased IDs) of a forget request; unknown IDs raise `UnknownIdError` (404)."""
+        with self.reading() as snap:
+            return snap.unlearner.resolve(ids)
+
+    def plan_text(self, text: str, threshold: float, metric: str) -> list[Any]:
+        """The fuzzy matches (library `Match`es) of a text among the live examples."""
+        # Matching uses only the tokenizer and the shingle index, so the text may be longer than the model's
+        # context (a whole document naming a person, say).
+        self._need_tokenizer()
+        with self.reading() as snap:
+            return snap.unlearner.find(text, threshold, metric=metric, limit=None)
+
+    def dry_run(self, ids: Sequence[Any], mode: str, request_id: str) -> ForgetReport:
+        with self.reading() as snap:
+            return snap.unlearner.forget(list(ids), mode=mode, request_id=request_id, dry_run=True)
+
+    def forget(self, ids: Sequence[Any], mode: str, request_id: str) -> ForgetReport:
+        """Run one forget on the writer's private model copy (the caller is the job runner's thread)."""
+        with self._writer_serial:
+            if self.degraded:
+                raise ApiError(503, "degraded", self.degraded)
+            with self._rw.read():
+                published = self._snapshot.model
+                # Start from exactly the published weights: a request that stopped short of its target
+                # leaves the writer's copy at its best admissible point, which was never published.
+                with torch.no_grad():
+                    self._writer.model.load_state_dict(published.state_dict())
+            return self._writer.forget(list(ids), mode=mode, request_id=request_id)
+
+    def _commit_and_publish(self, commit: Callable[[], None], report: ForgetReport) -> None:
+        """Save + erase + audit (the library's commit) and publish the new weights, as one write section."""
+        candidate = copy.deepcopy(self._writer.model)  # outside the write section: readers keep going
+        candidate.eval()
+        with self._rw.write():
+            try:
+                commit()
+            except BaseException as err:
+                # The weights may or may not have reached the disk; only a restart (whose recovery compares
+                # the weights on disk with the journal) can tell which state the store must agree with.
+                self.degraded = (f"forget request {report.request_id} failed while committing "
+                                 f"({type(err).__name__}); restart the server to settle it")
+                log.error("%s", self.degraded)
+                raise
+            version = self._snapshot.version + 1
+            self._snapshot = self._new_snapshot(candidate, report.model_hash_after or model_hash(candidate),
+                                                version)
+        log.info("request %s committed: model version %d (hash %s)", report.request_id, version,
+                 self._snapshot.model_hash[:16])
+
+
+def _valid_str_id(raw: str) -> bool:
+    try:
+        normalize_id(raw)
+    except (InvalidInputError, UnicodeError):
+        return False
+    return True
+
+
+def _canonical_int(raw: str) -> int | None:
+    # Only the canonical decimal spelling names an integer ID, so that "007" and "7" cannot alias each other.
+    if not raw.isascii() or not raw.isdigit() or (len(raw) > 1 and raw[0] == "0"):
+        return None
+    value = int(raw)
+    return value if value <= MAX_INT_ID else None
+
+
+def _max_positions(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,290 @@
+"""Forget jobs: a journal inside the store, one runner thread, and recovery after a crash or restart.
+
+Layout, next to the store's own records (written through `store.objects`, atomic replace / create-only):
+
+    jobs/<job id>.json                 the job record, rewritten at each state change
+    jobs/by-request/<request id>.json  {"job_id": ...}, created once (create-only): repeating a request id
+                                       returns the original job
+
+A job goes `queued` -> `running` -> `completed` | `failed`, or, after crashes, `rolled_back`. The record of a
+pending job holds the IDs it will forget (it must, to run after a restart); a finished record keeps only their
+salted hashes (`store.id_hash`, as tombstones and the audit do), so no erased ID survives in the store. Texts
+are never written: a text request is matched at submission and journaled as the IDs it matched.
+
+Recovery (`JobManager.start`, after `Engine.start` has let the library settle the model and the store):
+
+- the library journals each forget between "weights saved" and "examples erased" and, on open, finishes
+  it (weights on disk are the after-state) or drops it (before-state), writing `requests/<request id>.json`
+  when it finishes. So a job whose request has that record is `completed` with the library's report;
+- any other `running` job changed nothing on disk (its weights never replaced the old ones). It runs again,
+  unless it has already been started `job_max_attempts` times — a job that keeps killing the server is
+  `rolled_back` (before-state, nothing erased) and must be resubmitted;
+- `queued` jobs run again, in submission order.
+
+The model on disk is therefore always exactly the before- or the after-state of every job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import re
+import threading
+import time
+import uuid
+from typing import Any
+
+from gradstore_unlearn.unlearn import REQUESTS, ForgetReport
+
+from .engine import Engine
+from .errors import ApiError, json_safe, library_error
+from .settings import Settings
+
+log = logging.getLogger("gradstore_server")
+
+JOBS = "jobs"
+BY_REQUEST = f"{JOBS}/by-request"
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+PENDING = ("queued", "running")
+TERMINAL = ("completed", "failed", "rolled_back")
+RESULT_FIELDS = ("status", "target_loss", "forget_loss_before", "forget_loss_after", "retain_loss_before",
+                 "retain_loss_after", "retain_change", "scale", "iterations", "evaluations", "model_hash_before",
+                 "model_hash_after", "erasure_receipt", "seconds", "message")
+
+
+def result_of(report: ForgetReport) -> dict[str, Any]:
+    """The persisted, ID-free result of a forget report (counts instead of ID lists)."""
+    doc = report.to_dict()
+    out = {name: doc.get(name) for name in RESULT_FIELDS}
+    out["n_ids"] = len(doc.get("ids") or [])
+    out["n_already_forgotten"] = len(doc.get("already_forgotten") or [])
+    return json_safe(out)
+
+
+def public(record: dict[str, Any]) -> dict[str, Any]:
+    """The API's view of a job record (the `Job` schema)."""
+    out = {k: record.get(k) for k in ("job_id", "request_id", "kind", "status", "mode", "dry_run", "source",
+                                      "n_ids", "id_hashes", "attempts", "submitted_at", "started_at",
+                                      "finished_at", "result", "error")}
+    out["ids"] = record.get("pending_ids") if record.get("status") in PENDING else None
+    out["matches"] = None
+    return out
+
+
+class JobManager:
+    """Accepts forget requests, journals them, runs them one at a time, and answers for them."""
+
+    def __init__(self, engine: Engine, settings: Settings):
+        self.engine = engine
+        self.settings = settings
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._submit_lock = threading.Lock()
+        self._counts_lock = threading.Lock()
+        self._queued: set[str] = set()
+        self._running: str | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    @property
+    def objects(self) -> Any:
+        return self.engine.store.objects
+
+    # ------------------------------------------------------------------------------------------ journal
+    def _save(self, record: dict[str, Any]) -> None:
+        self.objects.write(f"{JOBS}/{record['job_id']}.json", json.dumps(record, sort_keys=True).encode())
+
+    def load(self, job_id: str) -> dict[str, Any] | None:
+        if not JOB_ID.fullmatch(job_id):  # never let a path segment become an object key it does not name
+            return None
+        try:
+            return json.loads(self.objects.read(f"{JOBS}/{job_id}.json"))
+        except FileNotFoundError:
+            return None
+
+    def _job_for_request(self, request_id: str) -> dict[str, Any] | None:
+        try:
+            claim = json.loads(self.objects.read(f"{BY_REQUEST}/{request_id}.json"))
+        except FileNotFoundError:
+            return None
+        return self.load(claim["job_id"])
+
+    def counts(self) -> dict[str, int]:
+        with self._counts_lock:
+            return {"queued": len(self._queued), "running": int(self._running is not None)}
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def start(self) -> list[str]:
+        """Settle the journal (see the module docstring), then start the runner. Returns re-queued job ids."""
+        records = []
+        for name in self.objects.list_dir(JOBS):
+            if name.endswith(".json") and JOB_ID.fullmatch(name[: -len(".json")]):
+                record = self.load(name[: -len(".json")])
+                if record is not None and record.get("status") in PENDING:
+                    records.append(record)
+        requeued = []
+        for record in sorted(records, key=lambda r: (r.get("submitted_at") or 0, r["job_id"])):
+            if self._settle(record):
+                requeued.append(record["job_id"])
+        self._thread = threading.Thread(target=self._run, name="gradstore-forget-runner", daemon=True)
+        self._thread.start()
+        for job_id in requeued:
+            self._enqueue(job_id)
+        return requeued
+
+    def _settle(self, record: dict[str, Any]) -> bool:
+        """Decide a pending job found at startup; True if it must run (again)."""
+        try:
+            doc = json.loads(self.objects.read(f"{REQUESTS}/{record['request_id']}.json"))
+        except FileNotFoundError:
+            doc = None
+        if doc is not None:  # the library committed it (possibly in its own recovery just now)
+            self._finish(record, "completed", result=result_of(ForgetReport.from_dict(doc)))
+            log.info("job %s: completed before the restart", record["job_id"])
+            return False
+        if record["status"] == "running" and record.get("attempts", 0) >= self.settings.job_max_attempts:
+            self._finish(record, "rolled_back", error={
+                "code": "interrupted",
+                "message": f"the server stopped {record.get('attempts', 0)} times while running this job; it was "
+                           "rolled back: the model and the store are as before it, nothing was erased. Submit "
+                           "it again (with a new request_id) to retry."})
+            log.warning("job %s: rolled back after %s interrupted runs", record["job_id"], record.get("attempts"))
+            return False
+        if record["status"] == "running":
+            log.info("job %s: interrupted (model on disk is the before-state); running it again", record["job_id"])
+            record["status"] = "queued"
+            self._save(record)
+        return True
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop after the current job (a job still running at exit is recovered like after a crash)."""
+        self._stopping.set()
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # --------------------------------------------------------------------------------------- submission
+    def submit(self, request: Any) -> tuple[dict[str, Any], bool]:
+        """(the job, True if created now) for a `ForgetByIds` / `ForgetByText` request body."""
+        with self._submit_lock:  # one submission at a time: a request id can never start two jobs
+            fingerprint = self._fingerprint(request)
+            if request.request_id is not None:
+                existing = self._job_for_request(request.request_id)
+                if existing is not None:
+                    if existing.get("fingerprint") != fingerprint:
+                        raise ApiError(409, "request_id_conflict", f"request_id {request.request_id!r} was used "
+                                       "for a different request (job " + existing["job_id"] + ")")
+                    return public(existing), False
+            if self.engine.degraded and not request.dry_run:
+                raise ApiError(503, "degraded", self.engine.degraded)
+            with self._counts_lock:
+                if not request.dry_run and len(self._queued) >= self.settings.max_queued_jobs:
+                    raise ApiError(503, "queue_full", f"{len(self._queued)} forget jobs are waiting; retry later",
+                                   headers={"Retry-After": "30"})
+            source = "text" if hasattr(request, "text") else "ids"
+            matches = None
+            if source == "text":
+                found = self.engine.plan_text(request.text, request.threshold, request.metric)
+                if not found:
+                    raise ApiError(404, "no_match", f"no stored example matches the text at {request.metric} >= "
+                                   f"{request.threshold}")
+                ids = [m.id for m in found]
+                matches = [{"id": m.id, "jaccard": m.jaccard, "containment": m.containment} for m in found]
+                present, already = ids, []
+            else:
+                present, already = self.engine.plan_ids(request.ids)
+                if not present:
+                    raise ApiError(409, "already_erased", "every requested ID was already erased: "
+                                   + ", ".join(repr(i) for i in already[:10]) + ("..." if len(already) > 10 else ""),
+                                   ids=already)
+            mode = request.mode or self.settings.default_mode
+            job_id = uuid.uuid4().hex
+            now = time.time()
+            record: dict[str, Any] = {
+                "job_id": job_id, "request_id": request.request_id or job_id, "kind": "forget", "mode": mode,
+                "dry_run": request.dry_run, "source": source, "n_ids": len(present) + len(already),
+                "id_hashes": [self.engine.id_hash(i) for i in present + already], "fingerprint": fingerprint,
+                "attempts": 0, "submitted_at": now, "started_at": None, "finished_at": None, "result": None,
+                "error": None, "status": "queued", "pending_ids": present + already,
+            }
+            if request.dry_run:
+                # A dry run reads only (which IDs would be forgotten); it is answered at once, never queued.
+                report = self.engine.dry_run(present + already, mode, record["request_id"])
+                record.update(started_at=now, attempts=1)
+                self._finish(record, "completed", result=result_of(report))
+                out = public(record)
+                out["ids"] = present + already  # this response alone names them; the record keeps hashes
+            else:
+                self._save(record)
+                out = public(record)
+            self.objects.write_new(f"{BY_REQUEST}/{record['request_id']}.json",
+                                   json.dumps({"job_id": job_id}).encode())
+            if not request.dry_run:
+                self._enqueue(job_id)
+            out["matches"] = matches
+            return out, True
+
+    def _fingerprint(self, request: Any) -> str:
+        # Salted (the store's ID hash), so that a text's fingerprint cannot be recomputed from a guess.
+        body = request.model_dump(mode="json", exclude={"request_id"})
+        if body.get("mode") is None:
+            body["mode"] = self.settings.default_mode
+        canonical = json.dumps(body, sort_keys=True, ensure_ascii=True)
+        return self.engine.id_hash(hashlib.sha256(canonical.encode()).hexdigest())
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        record = self.load(job_id)
+        if record is None:
+            raise ApiError(404, "unknown_job", f"unknown job {job_id[:64]!r}")
+        return public(record)
+
+    # -------------------------------------------------------------------------------------------- runner
+    def _enqueue(self, job_id: str) -> None:
+        with self._counts_lock:
+            self._queued.add(job_id)
+        self._queue.put(job_id)
+
+    def _finish(self, record: dict[str, Any], status: str, *, result: dict[str, Any] | None = None,
+                error: dict[str, Any] | None = None) -> None:
+        record.update(status=status, result=result, error=error, finished_at=time.time())
+        record.pop("pending_ids", None)  # the IDs leave the journal with the job
+        self._save(record)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            job_id = self._queue.get()
+            if job_id is None:
+                break
+            with self._counts_lock:
+                self._queued.discard(job_id)
+                self._running = job_id
+            try:
+                self._execute(job_id)
+            except Exception:  # the runner must outlive any one job
+                log.exception("job %s: the runner failed to record its outcome", job_id)
+            finally:
+                with self._counts_lock:
+                    self._running = None
+
+    def _execute(self, job_id: str) -> None:
+        record = self.load(job_id)
+        if record is None or record.get("status") not in PENDING:
+            return
+        record.update(status="running", started_at=time.time(), attempts=record.get("attempts", 0) + 1)
+        self._save(record)
+        try:
+            report = self.engine.forget(record["pending_ids"], record["mode"], record["request_id"])
+        except ApiError as err:
+            self._finish(record, "failed", error={"code": err.code, "message": err.message})
+        except Exception as err:
+            mapped = library_error(err)
+            if mapped is None:
+                log.exception("job %s failed", job_id)
+                self._finish(record, "failed", error={"code": "internal_error",
+                                                      "message": f"the forget failed: {type(err).__name__}"})
+            else:
+                self._finish(record, "failed", error={"code": mapped.code, "message": mapped.message})
+        else:
+            self._finish(record, "completed", result=result_of(report))
+            log.info("job %s: %s (%d IDs, %.2f s)", job_id, report.status, len(report.ids), report.seconds)

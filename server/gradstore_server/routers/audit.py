@@ -1,0 +1,23 @@
+"""`GET /v1/audit`: the store's audit log (one record per committed forget), oldest first, paged."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+
+from ..engine import Engine
+from ..schemas import AuditPage, AuditQuery
+from . import errors, get_engine
+
+router = APIRouter(tags=["audit"])
+
+
+@router.get("/audit", response_model=AuditPage, responses=errors(401, 422, 500, 503), summary="The audit log")
+def audit(query: Annotated[AuditQuery, Query()], engine: Engine = Depends(get_engine)) -> dict[str, Any]:
+    """The log is append-only, so an offset names the same record on every call."""
+    offset, limit = query.offset, query.limit
+    total, items = engine.audit(offset, limit)
+    end = offset + len(items)
+    return {"items": items, "offset": offset, "limit": limit, "total": total,
+            "next_offset": end if end < total else None}

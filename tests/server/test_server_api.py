@@ -1,0 +1,372 @@
+"""Every endpoint through a test client against a temporary store and a tiny model, error responses included."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from server_support import API_KEY, OTHER_KEY, SLOW_FORGET, wait_job
+
+from gradstore import GradStore
+from gradstore_unlearn.train import load_model
+from gradstore_unlearn.unlearn import model_hash
+
+V1_ROUTES = [("get", "/v1/stats", None), ("get", "/v1/examples/1", None), ("post", "/v1/influence", {"id": 1}),
+             ("post", "/v1/forget", {"ids": [1]}), ("get", "/v1/jobs/" + "0" * 32, None), ("get", "/v1/audit", None)]
+
+
+def assert_error(response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"code", "message", "ids", "details"}
+    assert body["message"]
+    if code is not None:
+        assert body["code"] == code, body
+    return body
+
+
+def forget(client, body: dict, status: int = 202) -> dict:
+    response = client.post("/v1/forget", json=body)
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+# ------------------------------------------------------------------------------------------ health, auth
+def test_healthz_needs_no_key(client):
+    response = client.get("/healthz", headers={"X-API-Key": ""})
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(("method", "path", "body"), V1_ROUTES)
+def test_every_v1_route_needs_a_valid_key(client, method, path, body):
+    kwargs = {"json": body} if body is not None else {}
+    missing = getattr(client, method)(path, headers={"X-API-Key": ""}, **kwargs)
+    assert_error(missing, 401, "unauthorized")
+    assert missing.headers["www-authenticate"].startswith("ApiKey")
+    wrong = getattr(client, method)(path, headers={"X-API-Key": API_KEY[:-1] + "x"}, **kwargs)
+    assert_error(wrong, 401, "unauthorized")
+    assert "invalid" in wrong.json()["message"]
+
+
+def test_every_configured_key_is_accepted(client):
+    assert client.get("/v1/stats", headers={"X-API-Key": OTHER_KEY}).status_code == 200
+    # A bad key is refused before the body is even looked at (401, not 422).
+    assert client.post("/v1/forget", json={"bogus": 1}, headers={"X-API-Key": "nope"}).status_code == 401
+
+
+# ---------------------------------------------------------------------------------------------- stats
+def test_stats(client, workspace):
+    body = client.get("/v1/stats").json()
+    assert body["store"]["examples"] == len(workspace.template.ids)
+    assert body["store"]["dim"] == 32 and body["store"]["tombstones"] == 0
+    model, _ = load_model(workspace.model)
+    assert body["model"]["hash"] == model_hash(model)
+    assert body["model"] | {"hash": None} == {"hash": None, "version": 0, "device": "cpu", "vocab_size": 300,
+                                              "max_positions": 64, "tokenizer": True}
+    assert body["jobs"] == {"queued": 0, "running": 0}
+
+
+# ------------------------------------------------------------------------------------------- examples
+def test_example_by_integer_and_string_id(client, workspace):
+    store = GradStore.open(workspace.store, read_only=True)
+    body = client.get("/v1/examples/5").json()
+    assert body["id"] == 5 and body["id_type"] == "int" and body["rows"] is None
+    expected = store.get(5)
+    assert body["token_ids"] == expected.token_ids.tolist()
+    assert body["meta"]["tokens"] == expected.meta["tokens"]
+    body = client.get("/v1/examples/rec-2").json()
+    assert body["id"] == "rec-2" and body["id_type"] == "str"
+
+
+def test_example_rows_only_when_asked(client, workspace):
+    store = GradStore.open(workspace.store, read_only=True)
+    body = client.get("/v1/examples/7", params={"rows": "true"}).json()
+    rows = torch.tensor(body["rows"])
+    assert rows.shape == (body["n_tokens"], 32)
+    assert torch.equal(rows, store.get(7).dequantized())
+
+
+def test_example_id_rules(client):
+    # "3" is both a string ID and (as 3) an integer ID: the string wins unless id_type says otherwise.
+    assert client.get("/v1/examples/3").json()["id"] == "3"
+    assert client.get("/v1/examples/3", params={"id_type": "int"}).json()["id"] == 3
+    assert client.get("/v1/examples/3", params={"id_type": "str"}).json()["id"] == "3"
+    assert client.get("/v1/examples/12").json()["id"] == 12  # no string "12": the integer
+    assert client.get("/v1/examples/user%2F42").json()["id"] == "user/42"
+    assert client.get("/v1/examples/%C3%A9mile").json()["id"] == "émile"
+    body = assert_error(client.get("/v1/examples/012"), 404, "unknown_id")  # not canonical: never the int 12
+    assert "'012'" in body["message"]
+    assert_error(client.get("/v1/examples/12", params={"id_type": "str"}), 404, "unknown_id")
+    assert_error(client.get("/v1/examples/rec-1", params={"id_type": "int"}), 404, "unknown_id")
+    assert_error(client.get("/v1/examples/1", params={"id_type": "float"}), 422, "invalid_request")
+    assert_error(client.get("/v1/examples/1", params={"rows": "maybe"}), 422, "invalid_request")
+    assert_error(client.get("/v1/examples/" + "x" * 300), 404, "unknown_id")  # can never be an ID
+    assert_error(client.get("/v1/examples/1", params={"row": "true"}), 422, "invalid_request")  # unknown param
+    assert_error(client.get("/v1/examples/99999999999999999999999"), 404, "unknown_id")
+
+
+def test_unknown_example_is_404_naming_it(client):
+    body = assert_error(client.get("/v1/examples/no-such-person"), 404, "unknown_id")
+    assert body["ids"] == ["no-such-person"] and "no-such-person" in body["message"]
+
+
+def test_erased_example_is_409(client):
+    job = forget(client, {"ids": [4, "rec-4"], "mode": "iterative"})
+    assert wait_job(client, job["job_id"])["result"]["status"] == "forgotten"
+    body = assert_error(client.get("/v1/examples/4"), 409, "erased")
+    assert body["ids"] == [4]
+    assert_error(client.get("/v1/examples/rec-4"), 409, "erased")
+
+
+# ------------------------------------------------------------------------------------------ influence
+def test_influence_by_id(client):
+    body = client.post("/v1/influence", json={"id": 5, "k": 4}).json()
+    assert body["query"] == {"kind": "id", "id": 5, "n_tokens": None} and body["k"] == 4
+    assert len(body["results"]) == 4
+    scores = [r["score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    assert 5 not in [r["id"] for r in body["results"]]  # the query itself is left out
+    assert client.post("/v1/influence", json={"id": "user/42"}).json()["k"] == 10
+
+
+def test_influence_by_text_ranks_its_own_example_first(client, workspace):
+    text = workspace.template.texts["rec-3"]
+    body = client.post("/v1/influence", json={"text": text, "k": 3}).json()
+    assert body["query"]["kind"] == "text" and body["query"]["n_tokens"] > 10
+    assert body["results"][0]["id"] == "rec-3"
+
+
+@pytest.mark.parametrize(("body", "status", "code"), [
+    ({"id": 123456}, 404, "unknown_id"),
+    ({"id": "nobody"}, 404, "unknown_id"),
+    ({}, 422, "invalid_request"),
+    ({"id": 1, "text": "both"}, 422, "invalid_request"),
+    ({"id": 1, "k": 0}, 422, "invalid_request"),
+    ({"id": 1, "k": 1001}, 422, "invalid_request"),
+    ({"id": 1, "k": "5"}, 422, "invalid_request"),
+    ({"id": 1, "k": True}, 422, "invalid_request"),
+    ({"id": 1, "k": 2.0}, 422, "invalid_request"),
+    ({"id": 1.0}, 422, "invalid_request"),
+    ({"id": True}, 422, "invalid_request"),
+    ({"id": -1}, 422, "invalid_request"),
+    ({"id": 2**63}, 422, "invalid_request"),
+    ({"id": ""}, 422, "invalid_request"),
+    ({"id": "é" * 200}, 422, "invalid_request"),  # 200 characters, 400 UTF-8 bytes
+    ({"id": 1, "extra": 1}, 422, "invalid_request"),
+    ({"text": ""}, 422, "invalid_request"),
+    ({"text": "x"}, 422, "invalid_input"),  # a single token has no next-token loss
+    ({"text": "Alice " * 80}, 422, "text_too_long"),
+    ({"text": "x" * 20_001}, 422, "invalid_request"),
+])
+def test_influence_errors(client, body, status, code):
+    assert_error(client.post("/v1/influence", json=body), status, code)
+
+
+def test_influence_on_erased_id_is_409(client, workspace):
+    job = wait_job(client, forget(client, {"ids": [6], "mode": "iterative"})["job_id"])
+    assert job["result"]["status"] == "forgotten"
+    assert_error(client.post("/v1/influence", json={"id": 6}), 409, "erased")
+    # ...and the erased example no longer turns up as an influence of anything
+    ranked = client.post("/v1/influence", json={"text": workspace.template.texts[6], "k": 50}).json()["results"]
+    assert 6 not in [r["id"] for r in ranked]
+
+
+def test_malformed_json_and_content_types(client):
+    headers = {"Content-Type": "application/json"}
+    assert_error(client.post("/v1/influence", content=b'{"id": 1', headers=headers), 422)
+    assert_error(client.post("/v1/influence", content=b"\xff\xfe", headers=headers), 422)
+    assert_error(client.post("/v1/influence", content=b'{"text": "\\ud800 x"}', headers=headers), 422)
+    assert_error(client.post("/v1/influence", content=b"[" * 100_000 + b"]" * 100_000, headers=headers), 422)
+    assert_error(client.post("/v1/influence", content=b"id=1", headers={"Content-Type": "text/plain"}), 422)
+    assert_error(client.post("/v1/influence", content=b"NaN", headers=headers), 422)
+
+
+def test_body_size_limit(client):
+    big = json.dumps({"ids": list(range(300_000))}).encode()  # ~2 MB, over the 1 MiB default
+    assert_error(client.post("/v1/forget", content=big, headers={"Content-Type": "application/json"}), 413,
+                 "body_too_large")
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(40):
+            yield b" " * 50_000
+
+    assert_error(client.post("/v1/forget", content=chunks(), headers={"Content-Type": "application/json"}), 413,
+                 "body_too_large")
+
+
+# --------------------------------------------------------------------------------------------- forget
+def test_forget_job_lifecycle(client, workspace):
+    before = client.get("/v1/stats").json()
+    response = client.post("/v1/forget", json={"ids": [10, "rec-5"], "mode": "iterative", "request_id": "dsr-1"})
+    assert response.status_code == 202
+    job = response.json()
+    assert response.headers["location"] == f"/v1/jobs/{job['job_id']}"
+    assert job["request_id"] == "dsr-1" and job["status"] in ("queued", "running") and job["ids"] == [10, "rec-5"]
+    assert job["n_ids"] == 2 and len(job["id_hashes"]) == 2
+    done = wait_job(client, job["job_id"])
+    assert done["status"] == "completed" and done["ids"] is None and done["attempts"] == 1
+    result = done["result"]
+    assert result["n_ids"] == 2 and result["model_hash_before"] == before["model"]["hash"]
+    after = client.get("/v1/stats").json()
+    model, _ = load_model(workspace.model)
+    assert after["model"]["hash"] == model_hash(model)  # what is served is what is on disk
+    assert result["status"] == "forgotten"
+    assert after["model"]["hash"] == result["model_hash_after"] and after["model"]["version"] == 1
+    assert after["store"]["examples"] == before["store"]["examples"] - 2
+    records = client.get("/v1/audit").json()["items"]
+    assert records[-1]["request_id"] == "dsr-1"
+    assert sorted(records[-1]["id_hashes"]) == sorted(done["id_hashes"])
+
+
+def test_repeated_request_id_returns_the_original_job(client):
+    first = forget(client, {"ids": [11], "request_id": "dsr-2"})
+    wait_job(client, first["job_id"])
+    again = client.post("/v1/forget", json={"ids": [11], "request_id": "dsr-2"})
+    assert again.status_code == 200 and again.json()["job_id"] == first["job_id"]
+    assert again.headers["location"] == f"/v1/jobs/{first['job_id']}"
+    other = client.post("/v1/forget", json={"ids": [12], "request_id": "dsr-2"})
+    assert_error(other, 409, "request_id_conflict")
+
+
+def test_forget_already_erased(client):
+    done = wait_job(client, forget(client, {"ids": [13, 14], "mode": "iterative"})["job_id"])
+    assert done["result"]["status"] == "forgotten"
+    body = assert_error(client.post("/v1/forget", json={"ids": [14, 13]}), 409, "already_erased")
+    assert body["ids"] == [14, 13]
+    # A mix forgets the live ones and counts the rest.
+    mixed = wait_job(client, forget(client, {"ids": [13, 15], "dry_run": True})["job_id"])
+    assert mixed["result"]["n_already_forgotten"] == 1 and mixed["result"]["n_ids"] == 1
+
+
+def test_forget_unknown_id_is_404_naming_it(client):
+    body = assert_error(client.post("/v1/forget", json={"ids": [1, "ghost", 2]}), 404, "unknown_id")
+    assert body["ids"] == ["ghost"] and "ghost" in body["message"]
+    assert client.get("/v1/stats").json()["jobs"] == {"queued": 0, "running": 0}
+
+
+def test_forget_dry_run_changes_nothing(client, workspace):
+    before = client.get("/v1/stats").json()
+    response = client.post("/v1/forget", json={"ids": [16, 16, "rec-6"], "dry_run": True})
+    assert response.status_code == 202
+    job = response.json()
+    assert job["status"] == "completed" and job["dry_run"] and job["result"]["status"] == "dry_run"
+    assert job["ids"] == [16, "rec-6"]  # named in this response only
+    assert wait_job(client, job["job_id"])["ids"] is None
+    after = client.get("/v1/stats").json()
+    assert after["model"] == before["model"] and after["store"]["examples"] == before["store"]["examples"]
+
+
+def test_forget_by_text(client, workspace):
+    text = workspace.template.texts["rec-7"]
+    dry = forget(client, {"text": text, "dry_run": True, "threshold": 0.9})
+    assert [m["id"] for m in dry["matches"]] == ["rec-7"] and dry["matches"][0]["jaccard"] == 1.0
+    job = forget(client, {"text": text, "threshold": 0.9, "metric": "containment", "mode": "iterative"})
+    assert job["source"] == "text" and job["matches"][0]["id"] == "rec-7"
+    done = wait_job(client, job["job_id"])
+    assert done["status"] == "completed" and done["result"]["n_ids"] == 1
+    body = assert_error(client.post("/v1/forget", json={"text": "Zygmunt Quillfeather of Atlantis"}), 404, "no_match")
+    assert "no stored example" in body["message"]
+    # Matching needs no model context: a long document naming someone still finds their record.
+    long_text = " ".join(["Lorem ipsum dolor sit amet."] * 40 + [workspace.template.texts["rec-0"]])
+    found = forget(client, {"text": long_text, "metric": "containment", "threshold": 0.02, "dry_run": True})
+    assert "rec-0" in [m["id"] for m in found["matches"]]
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"ids": []}, {"ids": 5}, {"ids": ["5", 5.5]}, {"ids": [True]}, {"ids": [None]}, {"ids": [[1]]},
+    {"ids": [1], "mode": "fast"}, {"ids": [1], "dry_run": "yes"}, {"ids": [1], "dry_run": 1},
+    {"ids": [1], "request_id": "has space"}, {"ids": [1], "request_id": ""}, {"ids": [1], "request_id": "x" * 129},
+    {"ids": [1], "request_id": 7}, {"ids": [1], "unknown": True}, {"ids": [1], "text": "both"},
+    {"ids": list(range(10_001))}, {"text": "a b", "threshold": 1.5}, {"text": "a b", "threshold": "0.5"},
+    {"text": "a b", "metric": "cosine"}, {"text": ""}, {"text": "a b", "threshold": 0},
+])
+def test_forget_rejects_malformed_requests(client, body):
+    assert_error(client.post("/v1/forget", json=body), 422, "invalid_request")
+
+
+def test_pending_job_records_hold_ids_finished_ones_only_hashes(client, workspace):
+    job = forget(client, {"ids": ["rec-8"], "mode": "iterative"})
+    wait_job(client, job["job_id"])
+    forget(client, {"ids": ["user/42"], "dry_run": True})
+    store = GradStore.open(workspace.store, read_only=True)
+    for name in store.objects.list_dir("jobs"):
+        if name.endswith(".json"):
+            text = store.objects.read(f"jobs/{name}").decode()
+            assert "rec-8" not in text and "user/42" not in text
+            assert json.loads(text)["status"] == "completed"
+
+
+# ----------------------------------------------------------------------------------------------- jobs
+def test_unknown_job_is_404(client):
+    body = assert_error(client.get("/v1/jobs/" + "a" * 32), 404, "unknown_job")
+    assert "a" * 32 in body["message"]
+    assert_error(client.get("/v1/jobs/..%2Fgradstore"), 404)
+    assert_error(client.get("/v1/jobs/by-request"), 404, "unknown_job")
+
+
+# ---------------------------------------------------------------------------------------------- audit
+def test_audit_paging(client):
+    empty = client.get("/v1/audit").json()
+    assert empty == {"items": [], "offset": 0, "limit": 100, "total": 0, "next_offset": None}
+    results = []
+    for ids in ([17], [18], [19]):
+        results.append(wait_job(client, forget(client, {"ids": ids, "mode": "iterative"})["job_id"]))
+    assert all(j["result"]["status"] == "forgotten" for j in results)
+    page = client.get("/v1/audit", params={"limit": 2}).json()
+    assert page["total"] == 3 and len(page["items"]) == 2 and page["next_offset"] == 2
+    rest = client.get("/v1/audit", params={"offset": 2, "limit": 2}).json()
+    assert len(rest["items"]) == 1 and rest["next_offset"] is None
+    assert [r["request_id"] for r in page["items"] + rest["items"]] == [j["request_id"] for j in results]
+    for params in ({"limit": 0}, {"limit": 1001}, {"offset": -1}, {"offset": "x"}, {"page": 2}):
+        assert_error(client.get("/v1/audit", params=params), 422, "invalid_request")
+
+
+# -------------------------------------------------------------------------------------------- openapi
+def test_openapi_documents_every_response(client):
+    schema = client.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["APIKeyHeader"] == {
+        "type": "apiKey", "in": "header", "name": "X-API-Key", "description": "one of the keys in GRADSTORE_API_KEYS"}
+    expected = {
+        ("get", "/healthz"): {"200"},
+        ("get", "/v1/stats"): {"200", "401", "500", "503"},
+        ("get", "/v1/examples/{example_id}"): {"200", "401", "404", "409", "422", "500", "503"},
+        ("post", "/v1/influence"): {"200", "401", "404", "409", "413", "422", "500", "503"},
+        ("post", "/v1/forget"): {"200", "202", "401", "404", "409", "413", "422", "500", "503"},
+        ("get", "/v1/jobs/{job_id}"): {"200", "401", "404", "422", "500", "503"},
+        ("get", "/v1/audit"): {"200", "401", "422", "500", "503"},
+    }
+    found = {(m, p): set(op["responses"]) for p, ops in schema["paths"].items() for m, op in ops.items()}
+    assert found == expected
+    # every error is documented with the one error shape (FastAPI's own 422 body never appears)
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    for ops in schema["paths"].values():
+        for op in ops.values():
+            for status, response in op["responses"].items():
+                if status >= "400":
+                    ref = response["content"]["application/json"]["schema"]["$ref"]
+                    assert ref == "#/components/schemas/ErrorResponse"
+    for (_, path), _codes in expected.items():
+        if path != "/healthz":
+            assert all(op.get("security") for op in schema["paths"][path].values())
+
+
+def test_a_full_queue_is_503(workspace):
+    from fastapi.testclient import TestClient
+
+    from gradstore_server import create_app
+
+    settings = workspace.settings(max_queued_jobs=1, forget_config=SLOW_FORGET)
+    with TestClient(create_app(settings), headers={"X-API-Key": API_KEY}) as client:
+        running = forget(client, {"ids": [24], "mode": "iterative"})
+        while client.get(f"/v1/jobs/{running['job_id']}").json()["status"] == "queued":
+            time.sleep(0.01)
+        waiting = forget(client, {"ids": [25]})
+        body = assert_error(client.post("/v1/forget", json={"ids": [26]}), 503, "queue_full")
+        assert "retry" in body["message"]
+        assert client.post("/v1/forget", json={"ids": [26], "dry_run": True}).status_code == 202  # never queued
+        for job in (running, waiting):
+            assert wait_job(client, job["job_id"])["status"] == "completed"
+        assert client.post("/v1/forget", json={"ids": [26]}).status_code == 202

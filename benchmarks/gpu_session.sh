@@ -10,8 +10,9 @@
 #   env.txt                     versions, nvidia-smi, import checks, and at the end each step's rc and seconds
 #   pytest_gpu.log              GPU-marked tests: tests/kernels/test_gpu.py and tests/unlearn/test_capture_gpu.py
 #   kernel_throughput.log       + kernel_throughput_<device>.json / .png (JSON rewritten after every row)
+#   cross_entropy_<device>.json the per-example loss kernel (its log goes into kernel_throughput.log)
 #   capture_overhead.log        + capture_overhead_<device>.json
-#   pytest_triton_parity.log    only if time is left: the Triton-vs-reference parity tests, compiled on the GPU
+#   (pytest_gpu.log also gets, if time is left, the Triton-vs-reference parity tests compiled on the GPU)
 # Worst case (every step at its timeout) ~7 minutes; expected ~4-5. Environment knobs: BUDGET_S (default 330:
 # the optional step only starts with >= 45 s of it left), PYTHON (default python3).
 set -u -o pipefail
@@ -133,6 +134,9 @@ if [[ $DRY == 0 ]]; then
   run_step kernel_throughput "$OUT/kernel_throughput.log" 150 \
     "$PY" benchmarks/kernel_throughput.py --device cuda --out "$OUT" \
     --providers torch_eager triton_det triton_atomic torch_compile
+  # The per-example loss that capture records: one Triton pass vs torch.logsumexp (7% of a step before).
+  run_step cross_entropy "$OUT/kernel_throughput.log" 60 \
+    "$PY" benchmarks/cross_entropy_throughput.py --device cuda --out "$OUT"
   # Rounds of 5 arms x 15 steps; the 2nd and 3rd start only if they fit in 75 s of timed rounds (a slow
   # writer stretches the capture blocks), and the JSON is rewritten after every round.
   run_step capture_overhead "$OUT/capture_overhead.log" 130 \
@@ -152,10 +156,10 @@ fi
 # Optional: the Triton parity suite (small odd shapes, run under the interpreter on CPU) compiled for real.
 left=$((BUDGET_S - SECONDS))
 if [[ $DRY == 0 && $left -ge 45 ]]; then
-  run_step pytest_triton_parity "$OUT/pytest_triton_parity.log" "$left" \
+  run_step pytest_triton_parity "$OUT/pytest_gpu.log" "$left" \
     "$PY" -m pytest -q -x -m "triton and not gpu" -rs tests/kernels
 elif [[ $DRY == 1 ]]; then
-  run_step pytest_triton_parity "$OUT/pytest_triton_parity.log" 60 \
+  run_step pytest_triton_parity "$OUT/pytest_gpu.log" 60 \
     "$PY" -m pytest -q -x -m "triton and not gpu" -rs tests/kernels/test_triton_parity.py -k "score"
 else
   SUMMARY+="pytest_triton_parity   skipped: ${left}s of the ${BUDGET_S}s budget left"$'\n'

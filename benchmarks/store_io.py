@@ -150,6 +150,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small stores; minutes")
     parser.add_argument("--scratch", default=None, help="directory for the stores (default: a temp dir)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "store_io.json"))
+    parser.add_argument("--parts", nargs="+", default=["ingest", "reads", "index"], choices=["ingest", "reads", "index"],
+                        help="which parts to run (default: all)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     ks = distinct_token_counts(4096, rng)
@@ -165,8 +167,9 @@ def main() -> None:
     try:
         print(f"\n== ingest ({ingest_n} examples, batches of 64, ~64 MiB segments)")
         print(f"{'dtype':9} {'codec':11} {'ex/s':>8} {'MB/s':>8} {'bf16 MB/s':>10} {'KB/ex':>8} {'ratio':>6}")
-        for dtype, codec in [("bfloat16", "blosc-zstd"), ("bfloat16", "zstd"), ("bfloat16", "none"),
-                             ("float32", "blosc-zstd"), ("int8", "blosc-zstd")]:
+        configs = [("bfloat16", "blosc-zstd"), ("bfloat16", "zstd"), ("bfloat16", "none"), ("float32", "blosc-zstd"),
+                   ("int8", "blosc-zstd")]
+        for dtype, codec in configs if "ingest" in args.parts else []:
             r = ingest(f"{root}/ingest-{dtype}-{codec}", ingest_n, dtype, codec, rng, ks)
             result["ingest"].append(r)
             print(f"{dtype:9} {codec:11} {r['examples_per_s']:8.0f} {r['logical_MB_per_s']:8.1f} "
@@ -176,7 +179,7 @@ def main() -> None:
 
         print("\n== get_many latency (bf16, blosc-zstd; warm local store)")
         print(f"{'store':>8} {'reader':12} {'ids':>4} {'p50 ms':>8} {'p99 ms':>8}")
-        for n in read_sizes:
+        for n in read_sizes if "reads" in args.parts else []:
             uri = f"{root}/read-{n}"
             t = time.perf_counter()
             ingest(uri, n, "bfloat16", "blosc-zstd", rng, ks, pool=512)
@@ -200,16 +203,22 @@ def main() -> None:
             del store
             shutil.rmtree(uri, ignore_errors=True)
 
-        print(f"\n== index scaling ({index_n} examples, k=4)")
-        r = index_scaling(root, index_n)
-        result["index"] = r
-        print(f"ingest {r['ingest_s']:.1f} s, open (index rebuild) {r['open_s']:.2f} s, "
-              f"+{r['open_peak_rss_MB']:.0f} MB peak RSS, get_many(8) p50 {r['get_many_8']['p50_ms']:.2f} ms "
-              f"p99 {r['get_many_8']['p99_ms']:.2f} ms")
+        if "index" in args.parts:
+            print(f"\n== index scaling ({index_n} examples, k=4)")
+            r = index_scaling(root, index_n)
+            result["index"] = r
+            print(f"ingest {r['ingest_s']:.1f} s, open (index rebuild) {r['open_s']:.2f} s, "
+                  f"+{r['open_peak_rss_MB']:.0f} MB peak RSS, get_many(8) p50 {r['get_many_8']['p50_ms']:.2f} ms "
+                  f"p99 {r['get_many_8']['p99_ms']:.2f} ms")
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    out = Path(args.out)
+    if set(args.parts) != {"ingest", "reads", "index"} and out.exists():  # a partial run updates its parts only
+        previous = json.loads(out.read_text())
+        result = previous | {key: result[key] for key in ("machine", "k_distribution")} | {
+            part: result[part] for part in args.parts}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")
 
 

@@ -10,7 +10,7 @@ Examples are compared by sets of token n-grams (shingles) of their stored token 
   query's shingles are; candidates are then verified exactly, so it never reports a false match, only may
   miss one near the threshold.
 
-benchmarks/fuzzy_scaling.py measures both on growing stores.
+benchmarks/fuzzy_scaling.py measures both on growing sets of sequences.
 """
 
 from __future__ import annotations
@@ -57,7 +57,37 @@ class Match:
 METRICS = ("jaccard", "containment")
 
 
-class ShingleIndex:
+class _SequenceIndex:
+    """What both indexes share: filling from a store, and turning overlaps into ranked matches."""
+
+    def add(self, example_id: int | str, tokens: Sequence[int] | np.ndarray) -> None:
+        raise NotImplementedError
+
+    def add_store(self, store: GradStore) -> _SequenceIndex:
+        for ids, sequences in store.iter_sequences():
+            for example_id, tokens in zip(ids, sequences, strict=True):
+                self.add(example_id, tokens)
+        return self
+
+    @staticmethod
+    def _ranked(candidates: Iterable[tuple[int | str, int, int]], query_size: int, threshold: float, metric: str,
+                limit: int | None) -> list[Match]:
+        """Matches from (id, common shingles, stored set size) triples, best first."""
+        matches = []
+        for example_id, common, size in candidates:
+            match = Match(example_id, common / (query_size + size - common), common / query_size)
+            if match.score(metric) >= threshold:
+                matches.append(match)
+        matches.sort(key=lambda m: (-m.score(metric), str(m.id)))
+        return matches[:limit] if limit else matches
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+
+
+class ShingleIndex(_SequenceIndex):
     """Exact similarity search through an inverted index of shingles."""
 
     def __init__(self, n: int = DEFAULT_NGRAM):
@@ -77,17 +107,10 @@ class ShingleIndex:
         for s in shingle_set:
             self._postings[s].append(slot)
 
-    def add_store(self, store: GradStore) -> ShingleIndex:
-        for ids, sequences in store.iter_sequences():
-            for example_id, tokens in zip(ids, sequences, strict=True):
-                self.add(example_id, tokens)
-        return self
-
     def query(self, tokens: Sequence[int], threshold: float = 0.5, metric: str = "jaccard",
               limit: int | None = None) -> list[Match]:
         """Examples whose `metric` similarity to the query is >= threshold, best first."""
-        if metric not in METRICS:
-            raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+        _check_metric(metric)
         query = shingles(tokens, self.n)
         if not query:
             return []
@@ -95,16 +118,11 @@ class ShingleIndex:
         for s in query:
             for slot in self._postings.get(s, ()):
                 overlap[slot] += 1
-        matches = []
-        for slot, common in overlap.items():
-            match = Match(self._ids[slot], common / (len(query) + self._sizes[slot] - common), common / len(query))
-            if match.score(metric) >= threshold:
-                matches.append(match)
-        matches.sort(key=lambda m: (-m.score(metric), str(m.id)))
-        return matches[:limit] if limit else matches
+        candidates = ((self._ids[slot], common, self._sizes[slot]) for slot, common in overlap.items())
+        return self._ranked(candidates, len(query), threshold, metric, limit)
 
 
-class MinHashIndex:
+class MinHashIndex(_SequenceIndex):
     """Approximate Jaccard search: MinHash signatures (`bands` x `rows` hashes) bucketed by LSH bands.
 
     Candidates are verified with the exact Jaccard of their shingle sets, so reported similarities are exact.
@@ -146,27 +164,15 @@ class MinHashIndex:
         for band, key in self._band_keys(self._signature(shingle_set)):
             self._buckets[band][key].append(slot)
 
-    def add_store(self, store: GradStore) -> MinHashIndex:
-        for ids, sequences in store.iter_sequences():
-            for example_id, tokens in zip(ids, sequences, strict=True):
-                self.add(example_id, tokens)
-        return self
-
     def query(self, tokens: Sequence[int], threshold: float = 0.5, metric: str = "jaccard",
               limit: int | None = None) -> list[Match]:
-        if metric not in METRICS:
-            raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+        """Candidates from the LSH buckets, verified exactly; those >= threshold, best first."""
+        _check_metric(metric)
         query = shingles(tokens, self.n)
         if not query:
             return []
-        candidates: set[int] = set()
+        slots: set[int] = set()
         for band, key in self._band_keys(self._signature(query)):
-            candidates.update(self._buckets[band].get(key, ()))
-        matches = []
-        for slot in candidates:
-            common = len(query & self._sets[slot])
-            match = Match(self._ids[slot], common / len(query | self._sets[slot]), common / len(query))
-            if match.score(metric) >= threshold:
-                matches.append(match)
-        matches.sort(key=lambda m: (-m.score(metric), str(m.id)))
-        return matches[:limit] if limit else matches
+            slots.update(self._buckets[band].get(key, ()))
+        candidates = ((self._ids[slot], len(query & self._sets[slot]), len(self._sets[slot])) for slot in slots)
+        return self._ranked(candidates, len(query), threshold, metric, limit)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import re
 import threading
 import time
 import uuid
@@ -62,6 +63,15 @@ IGNORE_INDEX = -100
 def epoch_record_id(example_id: int | str, epoch: int) -> int | str:
     """Store key of an example's record for a later epoch under the `all` policy (epoch 0 keeps the plain ID)."""
     return example_id if epoch == 0 else f"{example_id}@epoch{epoch}"
+
+
+_LATER_EPOCH = re.compile(r".+@epoch[1-9][0-9]*")
+
+
+def is_later_epoch_record(key: int | str) -> bool:
+    """Whether a store key has the form `epoch_record_id` gives a later epoch's record (meaningful only in a
+    store captured with the `all` policy, where such keys are copies of an example, not examples)."""
+    return isinstance(key, str) and _LATER_EPOCH.fullmatch(key) is not None
 
 
 @dataclass

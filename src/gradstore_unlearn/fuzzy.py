@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,10 +63,12 @@ class _SequenceIndex:
     def add(self, example_id: int | str, tokens: Sequence[int] | np.ndarray) -> None:
         raise NotImplementedError
 
-    def add_store(self, store: GradStore) -> _SequenceIndex:
+    def add_store(self, store: GradStore, skip: Callable[[int | str], bool] | None = None) -> _SequenceIndex:
+        """Index every stored example's token sequence (but those whose ID `skip` returns True for)."""
         for ids, sequences in store.iter_sequences():
             for example_id, tokens in zip(ids, sequences, strict=True):
-                self.add(example_id, tokens)
+                if skip is None or not skip(example_id):
+                    self.add(example_id, tokens)
         return self
 
     @staticmethod

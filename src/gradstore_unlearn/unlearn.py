@@ -50,7 +50,7 @@ from gradstore import GradStore, InvalidInputError, UnknownIdError
 from gradstore._encoding import normalize_id
 from gradstore_kernels import ascent_score, topk_influence
 
-from .capture import epoch_record_id
+from .capture import epoch_record_id, is_later_epoch_record
 from .evaluate import sequence_losses
 from .fuzzy import Match, ShingleIndex
 from .gradients import embedding_gradient, inverse_hvp, sparse_rows
@@ -260,7 +260,7 @@ class Unlearner:
         if self._retain is not None:
             pool = list(self._retain)
         else:
-            ids = [i for i in self.store.ids() if i not in exclude]
+            ids = [i for i in self.store.ids() if i not in exclude and not self._is_epoch_copy(i)]
             pool = self.store.get_sequences(ids) if ids else []
         pool = [s for s in pool if len(s) >= 2]
         if len(pool) < 2:
@@ -277,13 +277,20 @@ class Unlearner:
         guard = [pool[j] for j in rest[half : 2 * half]] or [pool[j] for j in rest[:half]]
         return repair, guard
 
+    def _is_epoch_copy(self, key: Any) -> bool:
+        """A later-epoch record of an example (capture policy `all`): not an example in its own right. Such
+        copies would count an example once per epoch in the ownership weights, and put copies of the examples
+        being forgotten into the retain sample."""
+        return self.store.config.capture.get("policy") == "all" and is_later_epoch_record(key)
+
     def document_frequency(self) -> torch.Tensor:
         """float32 [V]: how many stored examples contain each token (cached; updated on erasure)."""
         if self._doc_freq is None:
             counts = np.zeros(self.store.vocab_size, dtype=np.float64)
-            for _, sequences in self.store.iter_sequences():
-                for tokens in sequences:
-                    counts[np.unique(tokens)] += 1
+            for ids, sequences in self.store.iter_sequences():
+                for example_id, tokens in zip(ids, sequences, strict=True):
+                    if not self._is_epoch_copy(example_id):  # an example counts once, however many epochs
+                        counts[np.unique(tokens)] += 1
             self._doc_freq = torch.from_numpy(counts).float()
         return self._doc_freq
 
@@ -684,7 +691,7 @@ class Unlearner:
     def fuzzy_index(self) -> ShingleIndex:
         """The shingle index of the store's token sequences (built on first use, rebuilt after erasures)."""
         if self._index is None:
-            self._index = ShingleIndex().add_store(self.store)
+            self._index = ShingleIndex().add_store(self.store, skip=self._is_epoch_copy)
         return self._index
 
     def find(self, text: str, threshold: float = 0.5, *, metric: str = "jaccard", limit: int | None = 100

@@ -14,6 +14,7 @@ from gradstore import ErasedError, GradStore, InvalidInputError, UnknownIdError
 from gradstore_unlearn.evaluate import sequence_losses, token_logprobs
 from gradstore_unlearn.fuzzy import MinHashIndex, ShingleIndex
 from gradstore_unlearn.gradients import embedding_hvp, inverse_hvp
+from gradstore_unlearn.train import TrainConfig, train_model
 from gradstore_unlearn.unlearn import ForgetConfig, ForgetError, Unlearner, model_hash
 
 SECRET = slice(9, 13)  # positions of the four secret tokens in a record
@@ -266,3 +267,25 @@ def test_hvp_influence_of_an_example_shrinks_when_it_is_forgotten(world):
     unlearner.forget(["r1"], mode="iterative")
     after = unlearner.hvp_influence(world.train["r1"], sample, damping=0.1, iterations=20)
     assert before > 0 and after != before
+
+
+def test_a_store_captured_every_epoch_counts_each_example_once(tmp_path):
+    """Under the `all` policy later-epoch records are copies: they must not dilute the ownership weights,
+    join the retain sample, or show up as fuzzy matches of their own; forgetting erases every copy."""
+    train = {f"r{i}": record(i) for i in range(12)}
+    model = tiny_model()
+    store = GradStore.create(tmp_path / "store", dim=32, vocab_size=VOCAB, dtype="float32", capture_policy="all")
+    train_model(model, list(train.values()), list(train), TrainConfig(epochs=3, batch_size=4, lr=1e-2,
+                pad_token_id=0), store=store, progress=False)
+    assert len(store) == 3 * len(train) and "r0@epoch2" in store
+    unlearner = Unlearner(model, store, tokenizer=SpaceTokenizer(), holdout=[record(i) for i in range(100, 106)])
+    expected = torch.zeros(VOCAB)
+    for tokens in train.values():
+        expected[torch.unique(torch.tensor(tokens))] += 1
+    assert torch.equal(unlearner.document_frequency(), expected)
+    repair, guard = unlearner._retain_samples({"r0"}, unlearner._ownership([train["r0"]]))
+    assert train["r0"] not in repair + guard and len(repair + guard) <= len(train) - 1
+    assert [m.id for m in unlearner.find(" ".join(map(str, train["r3"])), 0.9)] == ["r3"]
+    assert unlearner.forget(["r3"], dry_run=True).status == "dry_run"
+    assert all(k in store for k in ("r3", "r3@epoch1", "r3@epoch2"))
+    assert unlearner._all_keys("r3") == ["r3", "r3@epoch1", "r3@epoch2"]  # what a commit erases

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from gradstore import GradStore
+from gradstore import GradStore, InvalidInputError
 from gradstore._encoding import normalize_id
 from gradstore_kernels import KernelInputError, token_cross_entropy
 
@@ -158,6 +158,12 @@ class GradientCapture:
         self.model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         self.store = store
         self.policy = policy or store.config.capture.get("policy", "first")
+        if self.policy == "all" and store.config.capture.get("policy") != "all":
+            # Later-epoch records are copies of an example; only a store that says so treats them as copies
+            # (when it counts examples, samples retained ones, or matches texts).
+            raise InvalidInputError(
+                f"capture policy 'all' needs a store created with capture_policy='all'; {store.uri} was created "
+                f"with {store.config.capture.get('policy')!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown capture policy {self.policy!r}; choose one of {POLICIES}")
         embedding = self.model.get_input_embeddings()

@@ -454,6 +454,12 @@ class Unlearner:
         report.forget_loss_after, report.retain_loss_after, report.evaluations = f, r, evaluations
         if self._reached(f, target) and (not retain or r <= limit):
             report.status = "forgotten"
+        elif not cfg.calibrate:  # a fixed step is applied as is: say where it landed, guard included
+            guard = "within" if not retain or r <= limit else "beyond"
+            side = "below" if f < target else "past"
+            report.message = (f"fixed step (calibrate=False, scale {cfg.initial_scale:g}): forget loss {f:.4f} is "
+                              f"{side} the target {target:.4f}, retain loss {r:.4f} {guard} the guard "
+                              f"(limit {limit:.4f}); nothing is committed")
         else:
             report.message = (f"target loss {target:.4f} not reached within the retain guard "
                               f"(+{100 * cfg.retain_tolerance:.1f}%): stopped at forget loss {f:.4f}, the best "

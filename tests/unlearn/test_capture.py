@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import VOCAB, pad_batch
 
-from gradstore import GradStore
+from gradstore import GradStore, InvalidInputError
 from gradstore_unlearn.capture import GradientCapture, epoch_record_id
 
 SEQUENCES = [[5, 9, 9, 3, 12, 9, 40], [7, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [33, 33, 33, 33]]
@@ -90,7 +90,7 @@ def test_policies_first_all_off_across_two_epochs(tmp_path):
     results = {}
     for policy in ("first", "all", "off"):
         model = tiny_gpt2()
-        store = make_store(tmp_path, model, name=policy)
+        store = make_store(tmp_path, model, name=policy, capture_policy=policy)
         with GradientCapture(model, store, policy=policy) as capture:
             train_steps(model, capture, batches, epochs=2)
         results[policy] = (sorted(map(str, GradStore.open(store.uri).ids())), capture.report)
@@ -98,6 +98,8 @@ def test_policies_first_all_off_across_two_epochs(tmp_path):
     assert results["first"][1].examples_seen == 8 and results["first"][1].examples_skipped == 5
     assert results["all"][0] == sorted(["a", "b", "c"] + [str(epoch_record_id(i, 1)) for i in "abc"])
     assert results["off"][0] == []
+    with pytest.raises(InvalidInputError, match="capture_policy='all'"):  # copies in a store that would not know
+        GradientCapture(tiny_gpt2(), make_store(tmp_path, tiny_gpt2(), name="first-store"), policy="all")
 
 
 def test_first_policy_skips_ids_already_in_the_store(tmp_path):

@@ -71,11 +71,12 @@ class StoreWriter:
             )
         config = self.store.config
         keys: list[ExampleId] = []
+        seen: set[ExampleId] = set()  # a set beside the list: the duplicate check stays O(1) for large appends
         tokens_out, rows_out, scales_out, meta_out, seqs = [], [], [], [], []
         for i, raw_id in enumerate(ids):
             key = normalize_id(raw_id)
             where = f"example {i} (ID {key!r})"
-            if key in keys:
+            if key in seen:
                 raise DuplicateIdError(key, "this append call")
             if not replace and (key in self._buffered_ids or self.store._contains_live(key)):
                 raise DuplicateIdError(key)
@@ -87,6 +88,7 @@ class StoreWriter:
             if sequence is not None and sequence.size and (sequence.min() < 0 or sequence.max() >= config.vocab_size):
                 raise InvalidInputError(f"{where}: meta['tokens'] holds ids outside [0, {config.vocab_size})")
             keys.append(key)
+            seen.add(key)
             tokens_out.append(tokens)
             rows_out.append(encoded.values)
             scales_out.append(encoded.scales)

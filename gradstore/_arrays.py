@@ -243,10 +243,12 @@ class ChunkedArrayReader:
                 raise IndexError(f"{self.path}: rows [{lo}, {hi}) outside [0, {L.shape[0]})")
         needed = sorted({c for lo, hi in ranges if hi > lo for c in range(lo // L.inner_rows, (hi - 1) // L.inner_rows + 1)})
         reads = self._locate(needed)
-        if len(reads) > 1:
+        # Threads pay off for remote objects and for long local reads; for the one or two ranged reads of a
+        # random lookup on a local disk they cost more than they save (see GradStore._read).
+        if len(reads) > 1 and (not self.objects.is_local or len(reads) >= 8):
             results = [r for batch in _CODEC_POOL.map(self._fetch, reads) for r in batch]
         else:
-            results = self._fetch(reads[0])
+            results = [r for read in reads for r in self._fetch(read)]
         decoded = dict(results)
         pos = 0
         for lo, hi in ranges:

@@ -25,6 +25,7 @@ class ObjectStore(ABC):
     """The operations the store needs from a backend. Missing keys raise `FileNotFoundError`."""
 
     uri: str
+    is_local = False  # a local file system: reads are cheap enough to issue one after another
 
     @abstractmethod
     def read(self, key: str) -> bytes: ...
@@ -78,6 +79,8 @@ class ObjectStore(ABC):
 
 class LocalObjects(ObjectStore):
     """A directory on a local (POSIX) file system."""
+
+    is_local = True
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)

@@ -311,7 +311,9 @@ class GradStore:
             return segment, reader.read_rows(positions, int8), reader.read_meta(positions) if with_meta else None
 
         segments = list(by_segment)
-        if len(segments) > 1:
+        # Remote objects: segments are read concurrently (each read waits on the network). A local disk: one
+        # after another — on 2 cores, threads made 8 random examples slower (p50 6.5-9.6 ms vs 5.7-6.3 ms).
+        if len(segments) > 1 and not self._objects.is_local:
             results = list(_READ_POOL.map(read, segments))
         else:
             results = [read(s) for s in segments]

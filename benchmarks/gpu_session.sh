@@ -94,7 +94,7 @@ env_report() {
   echo "cc: $(command -v cc || echo none)  gcc: $(command -v gcc || echo none)"
   if [[ $DRY == 0 ]]; then nvidia-smi || echo "!! nvidia-smi failed"; fi
   "$PY" - <<'PYEOF'
-import importlib, platform, sys
+import importlib, os, platform, sys
 print("python", platform.python_version(), sys.executable)
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
@@ -114,7 +114,7 @@ for name in ("gradstore", "gradstore_kernels", "gradstore_kernels.ascent_triton"
              "gradstore_unlearn.capture", "gradstore_unlearn.train"):
     try:
         mod = importlib.import_module(name)
-        print(f"import {name}: ok ({mod.__file__})")
+        print(f"import {name}: ok ({os.path.relpath(mod.__file__)})")
     except Exception as exc:
         ok = False
         print(f"import {name}: FAILED ({type(exc).__name__}: {exc})")

@@ -176,15 +176,23 @@ class ChunkedArrayReader:
                 self._indexes.popitem(last=False)
         return index
 
-    def _decode(self, data: bytes, chunk: int) -> np.ndarray:
+    def _decode(self, data: bytes, chunk: int, out: np.ndarray | None = None) -> np.ndarray:
+        """One chunk's rows; with `out` (a C-contiguous block of exactly one chunk), decoded straight into it."""
         L = self.layout
         if L.checksum:
             data = _verify_crc(data, f"{self.path} chunk {chunk}")
         if L.compressor == "blosc":
-            data = self._blosc.decode(data)
+            decoded = self._blosc.decode(data, out=out)
         elif L.compressor == "zstd":
-            data = self._zstd.decode(data)
-        return np.frombuffer(data, dtype=L.dtype).reshape((-1, *L.row_shape))
+            decoded = self._zstd.decode(data, out=out)
+        elif out is not None:
+            out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, dtype=np.uint8)
+            decoded = out
+        else:
+            decoded = data
+        if decoded is out and out is not None:
+            return out
+        return np.frombuffer(decoded, dtype=L.dtype).reshape((-1, *L.row_shape))
 
     def _fill_chunk(self, chunk: int) -> np.ndarray:
         L = self.layout
@@ -214,7 +222,8 @@ class ChunkedArrayReader:
                 reads.append((key, offset, nbytes, [(chunk, 0, nbytes)]))
         return reads
 
-    def _fetch(self, read: tuple[str, int, int, list[tuple[int, int, int]]]) -> list[tuple[int, np.ndarray]]:
+    def _fetch(self, read: tuple[str, int, int, list[tuple[int, int, int]]],
+               direct: dict[int, np.ndarray] | None = None) -> list[tuple[int, np.ndarray]]:
         key, start, length, members = read
         if not key:
             return [(members[0][0], self._fill_chunk(members[0][0]))]
@@ -228,7 +237,7 @@ class ChunkedArrayReader:
         out = []
         for chunk, offset, nbytes in members:
             piece = view[offset:] if nbytes < 0 else view[offset : offset + nbytes]
-            out.append((chunk, self._decode(bytes(piece), chunk)))
+            out.append((chunk, self._decode(bytes(piece), chunk, (direct or {}).get(chunk))))
         return out
 
     def read_ranges(self, ranges: list[tuple[int, int]]) -> np.ndarray:
@@ -243,12 +252,28 @@ class ChunkedArrayReader:
                 raise IndexError(f"{self.path}: rows [{lo}, {hi}) outside [0, {L.shape[0]})")
         needed = sorted({c for lo, hi in ranges if hi > lo for c in range(lo // L.inner_rows, (hi - 1) // L.inner_rows + 1)})
         reads = self._locate(needed)
+        # A whole chunk that lands in one place of the output is decoded straight into it (no intermediate
+        # array, no copy): most chunks of a lookup of whole examples. Edge pieces go through a decoded block.
+        direct, seen, pos = {}, set(), 0
+        for lo, hi in ranges:
+            for chunk in range(lo // L.inner_rows, (hi - 1) // L.inner_rows + 1) if hi > lo else ():
+                base = chunk * L.inner_rows
+                if chunk in seen:
+                    direct.pop(chunk, None)
+                elif lo <= base and base + L.inner_rows <= hi:
+                    direct[chunk] = out[pos + base - lo : pos + base - lo + L.inner_rows]
+                seen.add(chunk)
+            pos += hi - lo
+
+        def fetch(read: tuple) -> list[tuple[int, np.ndarray]]:
+            return self._fetch(read, direct)
+
         # Threads pay off for remote objects and for long local reads; for the one or two ranged reads of a
         # random lookup on a local disk they cost more than they save (see GradStore._read).
         if len(reads) > 1 and (not self.objects.is_local or len(reads) >= 8):
-            results = [r for batch in _CODEC_POOL.map(self._fetch, reads) for r in batch]
+            results = [r for batch in _CODEC_POOL.map(fetch, reads) for r in batch]
         else:
-            results = [r for read in reads for r in self._fetch(read)]
+            results = [r for read in reads for r in fetch(read)]
         decoded = dict(results)
         pos = 0
         for lo, hi in ranges:
@@ -258,7 +283,8 @@ class ChunkedArrayReader:
                 base = chunk * L.inner_rows
                 end = min(hi, base + L.inner_rows)
                 block = decoded[chunk]
-                out[pos : pos + end - row] = block[row - base : end - base]
+                if block is not direct.get(chunk):  # (a chunk decoded in place is already there)
+                    out[pos : pos + end - row] = block[row - base : end - base]
                 pos += end - row
                 row = end
         return out

@@ -93,12 +93,15 @@ class LocalObjects(ObjectStore):
         return self._path(key).read_bytes()
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
-        with open(self._path(key), "rb") as f:
+        # One pread on a raw descriptor: no buffered file object to build for a read of a few chunks. (The
+        # descriptor is not kept: an open one would keep an erased segment's bytes alive on disk.)
+        fd = os.open(self._path(key), os.O_RDONLY)
+        try:
             if start < 0:
-                f.seek(start, os.SEEK_END)
-            else:
-                f.seek(start)
-            return f.read(length)
+                start = max(os.fstat(fd).st_size + start, 0)
+            return os.pread(fd, length, start)
+        finally:
+            os.close(fd)
 
     def _write_temp(self, key: str, data: bytes) -> Path:
         path = self._path(key)

@@ -240,12 +240,23 @@ class ChunkedArrayReader:
             out.append((chunk, self._decode(bytes(piece), chunk, (direct or {}).get(chunk))))
         return out
 
-    def read_ranges(self, ranges: list[tuple[int, int]]) -> np.ndarray:
-        """Rows of every [lo, hi) range, concatenated in the given order: shape [sum(hi - lo), *row_shape]."""
+    def read_ranges(self, ranges: list[tuple[int, int]], out: np.ndarray | None = None,
+                    dest: list[int] | None = None) -> np.ndarray:
+        """Rows of every [lo, hi) range, concatenated in the given order: shape [sum(hi - lo), *row_shape].
+
+        With `out` (C-contiguous, this array's dtype), range i goes to out[dest[i] : dest[i] + hi - lo] instead,
+        so a caller assembling several arrays' reads into one result copies nothing twice.
+        """
         L = self.layout
-        total = sum(hi - lo for lo, hi in ranges)
-        out = np.empty((total, *L.row_shape), dtype=L.dtype)
-        if total == 0:
+        if out is None:
+            out = np.empty((sum(hi - lo for lo, hi in ranges), *L.row_shape), dtype=L.dtype)
+            dest = None
+        if dest is None:
+            dest, pos = [], 0
+            for lo, hi in ranges:
+                dest.append(pos)
+                pos += hi - lo
+        if not any(hi > lo for lo, hi in ranges):
             return out
         for lo, hi in ranges:
             if not 0 <= lo <= hi <= L.shape[0]:
@@ -254,8 +265,8 @@ class ChunkedArrayReader:
         reads = self._locate(needed)
         # A whole chunk that lands in one place of the output is decoded straight into it (no intermediate
         # array, no copy): most chunks of a lookup of whole examples. Edge pieces go through a decoded block.
-        direct, seen, pos = {}, set(), 0
-        for lo, hi in ranges:
+        direct, seen = {}, set()
+        for (lo, hi), pos in zip(ranges, dest, strict=True):
             for chunk in range(lo // L.inner_rows, (hi - 1) // L.inner_rows + 1) if hi > lo else ():
                 base = chunk * L.inner_rows
                 if chunk in seen:
@@ -263,7 +274,6 @@ class ChunkedArrayReader:
                 elif lo <= base and base + L.inner_rows <= hi:
                     direct[chunk] = out[pos + base - lo : pos + base - lo + L.inner_rows]
                 seen.add(chunk)
-            pos += hi - lo
 
         def fetch(read: tuple) -> list[tuple[int, np.ndarray]]:
             return self._fetch(read, direct)
@@ -275,8 +285,7 @@ class ChunkedArrayReader:
         else:
             results = [r for read in reads for r in fetch(read)]
         decoded = dict(results)
-        pos = 0
-        for lo, hi in ranges:
+        for (lo, hi), pos in zip(ranges, dest, strict=True):
             row = lo
             while row < hi:
                 chunk = row // L.inner_rows

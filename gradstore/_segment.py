@@ -246,6 +246,22 @@ class SegmentReader:
         scales = self._array("scales").read_ranges(ranges) if with_scales else None
         return token_ids, rows, scales
 
+    def read_rows_into(self, positions: list[int], dest: list[int], token_ids: np.ndarray, rows: np.ndarray,
+                       scales: np.ndarray | None) -> None:
+        """Like `read_rows`, but example i's rows land at row dest[i] of the caller's arrays (no extra copy)."""
+        ranges = self.row_ranges(positions)
+        for name, out in (("token_ids", token_ids), ("rows", rows), ("scales", scales)):
+            if out is None:
+                continue
+            array = self._array(name)
+            if isinstance(array, ChunkedArrayReader):
+                array.read_ranges(ranges, out=out, dest=dest)
+            else:  # a foreign layout read through zarr-python
+                got, pos = array.read_ranges(ranges), 0
+                for (lo, hi), at in zip(ranges, dest, strict=True):
+                    out[at : at + hi - lo] = got[pos : pos + hi - lo]
+                    pos += hi - lo
+
     def read_meta(self, positions: list[int]) -> list[dict[str, Any]]:
         """Each example's metadata dict, with its token sequence under "tokens" (list of int) if stored."""
         meta_offsets, seq_offsets = self._offsets("meta_offsets"), self._offsets("seq_offsets")

@@ -5,10 +5,12 @@ zarr-python, tensorstore or any other implementation reads them; the metadata (`
 zarr-python itself. Only the bytes of shards are encoded and decoded here, for speed, measured on this 2-core
 machine with bf16 rows of D=768 (benchmarks/store_io.py):
 
-- Reading 8 random examples (~270 rows each) took 18-100 ms through zarr-python's generic selection machinery,
-  3-7 ms through tensorstore, and 2-4 ms here: the reader caches each shard's chunk index (a chunk then costs
-  one ranged read), coalesces adjacent chunks into one read (one request on S3), decodes in parallel threads
-  (blosc and zstd release the GIL) and verifies every crc32c.
+- Reading 8 random examples (~270 rows each, rows and token ids) takes 4.9 ms p50 here, against 35 ms through
+  zarr-python's generic selection machinery and 3.0 ms for the rows alone through tensorstore: the reader
+  caches each shard's chunk index (a chunk then costs one ranged read), coalesces adjacent chunks into one read
+  (one request on S3), decodes whole chunks straight into the caller's output, and verifies every crc32c.
+  Threads decode in parallel for remote objects and long reads only; for the few small reads of a lookup on a
+  local disk they cost more than they saved.
 - Writing went through zarr-python at ~65 MB/s while blosc itself compresses these rows at ~230 MB/s per core:
   the writer here encodes each shard's chunks in parallel and writes the shard as one object.
 

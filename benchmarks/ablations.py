@@ -49,7 +49,6 @@ KS p-value takes few distinct values, and the retrained reference itself varies 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import json
@@ -57,7 +56,6 @@ import math
 import os
 import platform
 import random
-import re
 import shutil
 import sys
 import tempfile
@@ -69,6 +67,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
+from bench_device import card_name, device_slug
 
 from gradstore import GradStore
 from gradstore_unlearn import data
@@ -130,20 +129,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.epochs < 2:
         p.error("--epochs must be at least 2: the multi-epoch variant needs later-epoch records")
     return args
-
-
-def card_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def device_stem(device: str) -> str:
-    return "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "-", card_name(device).lower()).strip("-")
 
 
 class Log:
@@ -544,7 +529,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = args.out or Path(__file__).resolve().parent / "results"
     if out.suffix != ".json":
-        out = out / f"ablations_{device_stem(args.device)}.json"
+        out = out / f"ablations_{device_slug(args.device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = run(args)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -37,7 +37,6 @@ import contextlib
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
@@ -48,6 +47,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from bench_device import card_name, device_slug
 
 from gradstore import GradStore
 from gradstore_unlearn.capture import GradientCapture
@@ -128,22 +128,6 @@ def zipf_batches(count: int, batch: int, seq: int, vocab: int, seed: int, device
         ranks = torch.multinomial(weights, batch * seq, replacement=True, generator=g)
         out.append(rank_to_token[ranks].view(batch, seq).to(device))
     return out
-
-
-def card_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def default_stem(device: str) -> str:
-    if device == "cpu":
-        return "capture_overhead_cpu"
-    return "capture_overhead_" + re.sub(r"[^a-z0-9]+", "-", card_name(device).lower()).strip("-")
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -423,7 +407,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     out = args.out or Path(__file__).resolve().parent / "results"
     if out.suffix != ".json":
-        out = out / f"{default_stem(args.device)}.json"
+        out = out / f"capture_overhead_{device_slug(args.device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     latest: dict = {}
 

@@ -19,15 +19,14 @@ the max abs difference from f_cross_entropy (float32 logits: the specification).
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_device import card_name, device_slug
 from kernel_throughput import (  # the script beside this one (its directory is on sys.path)
     DTYPES,
-    card_name,
     copy_bandwidth_gbps,
     median_ms,
     sync,
@@ -155,9 +154,7 @@ def table(report: dict) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     report = run(args)
-    stem = "cross_entropy_" + (
-        "cpu" if args.device == "cpu" else re.sub(r"[^a-z0-9]+", "-", card_name(args.device).lower()).strip("-")
-    )
+    stem = f"cross_entropy_{device_slug(args.device)}"
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{stem}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -20,11 +20,9 @@ difference from the reference (W after one update, and the scores) on fresh copi
 """
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import re
 import signal
 import statistics
 import sys
@@ -32,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_device import card_name, device_slug
 
 from gradstore_kernels import ascent_score
 from gradstore_kernels.ascent import ascent_score_reference
@@ -157,16 +156,6 @@ def make_provider(name: str, offsets, token_ids, rows, lr, Q):
         return run
     deterministic = name == "triton_det"
     return lambda W: ascent_score(W, offsets, token_ids, rows, lr, Q, backend="triton", deterministic=deterministic)
-
-
-def card_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    with contextlib.suppress(OSError):  # Linux: the CPU model; elsewhere whatever platform knows
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def run(args: argparse.Namespace, on_progress=None) -> dict:
@@ -327,10 +316,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    stem = args.name or "kernel_throughput_" + (
-        "cpu" if args.device == "cpu"
-        else re.sub(r"[^a-z0-9]+", "-", card_name(args.device).lower()).strip("-")
-    )
+    stem = args.name or f"kernel_throughput_{device_slug(args.device)}"
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.out / f"{stem}.json", args.out / f"{stem}.png"
     latest: dict = {}

@@ -55,7 +55,6 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
 import sys
 import tempfile
@@ -72,7 +71,7 @@ from bench_device import card_name, device_slug
 from gradstore import GradStore
 from gradstore_unlearn import data
 from gradstore_unlearn.capture import is_later_epoch_record
-from gradstore_unlearn.demo import DEMO_SIZES
+from gradstore_unlearn.demo import DEMO_SIZES, prepare_data
 from gradstore_unlearn.evaluate import EvaluationReport, evaluate_model, sequence_losses
 from gradstore_unlearn.train import MODEL_SIZES, TrainConfig, build_model, retrain_without, train_model
 from gradstore_unlearn.unlearn import ForgetConfig, Unlearner, save_reference_set
@@ -178,19 +177,12 @@ class Setup:
 def build_setup(args: argparse.Namespace, work: Path, log: Log) -> Setup:
     spec = dataclasses.replace(DEMO_SIZES[args.size], epochs=args.epochs)
     log("building the corpus and the tokenizer (the demo's)")
-    corpus = data.build_corpus(spec.corpus.n_docs, spec.corpus.n_records, max_chars=spec.corpus.max_chars,
-                               seed=args.seed)
-    train_docs = corpus.train_documents()
-    tokenizer = data.train_tokenizer(train_docs, vocab_size=spec.corpus.vocab_size)
-
-    def encode(docs: list[data.Document]) -> list[list[int]]:
-        return data.encode_documents(tokenizer, docs, spec.corpus.max_tokens)
-
-    sequences, ids = encode(train_docs), [d.id for d in train_docs]
-    holdout = corpus.split("holdout")
-    reference_docs, judge_docs = holdout[: len(holdout) // 2], holdout[len(holdout) // 2 :]
+    demo_data = prepare_data(spec, args.seed)
+    corpus, tokenizer, encode = demo_data.corpus, demo_data.tokenizer, demo_data.encode
+    sequences, ids = encode(demo_data.train_docs), [d.id for d in demo_data.train_docs]
+    reference_docs, judge_docs = demo_data.reference_docs, demo_data.judge_docs
     # The demo's forget set: the records it forgets by ID and the one it forgets by text.
-    forget_docs = random.Random(args.seed).sample(corpus.split("forget"), spec.forget_by_id + 1)
+    forget_docs = demo_data.forget_docs
     forget_ids = [d.id for d in forget_docs]
 
     log(f"training a {spec.model} GPT-2 on {len(sequences)} documents for {spec.epochs} epochs, capturing every "

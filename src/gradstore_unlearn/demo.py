@@ -51,6 +51,35 @@ DEMO_SIZES = {
 }
 
 
+@dataclass
+class DemoData:
+    """The demo's corpus, tokenizer and splits (`benchmarks/ablations.py` works on the very same)."""
+
+    corpus: data.Corpus
+    tokenizer: Any
+    max_tokens: int
+    train_docs: list[data.Document]
+    reference_docs: list[data.Document]  # holdout half: the calibration target (the store's reference set)
+    judge_docs: list[data.Document]  # holdout half: only judges the result
+    forget_docs: list[data.Document]  # forgotten by ID, then the last one by text
+
+    def encode(self, docs: list[data.Document]) -> list[list[int]]:
+        return data.encode_documents(self.tokenizer, docs, self.max_tokens)
+
+
+def prepare_data(spec: DemoSize, seed: int = 0) -> DemoData:
+    """Build the corpus and tokenizer, split the holdout records in two, and pick the records to forget."""
+    corpus = data.build_corpus(spec.corpus.n_docs, spec.corpus.n_records, max_chars=spec.corpus.max_chars,
+                               seed=seed)
+    train_docs = corpus.train_documents()
+    tokenizer = data.train_tokenizer(train_docs, vocab_size=spec.corpus.vocab_size)
+    holdout = corpus.split("holdout")
+    half = len(holdout) // 2
+    forget_docs = random.Random(seed).sample(corpus.split("forget"), spec.forget_by_id + 1)
+    return DemoData(corpus, tokenizer, spec.corpus.max_tokens, train_docs, holdout[:half], holdout[half:],
+                    forget_docs)
+
+
 def _paraphrase(text: str) -> str:
     """A near-duplicate of a record, as a person might paste it into an erasure request."""
     return text.replace(".", ";", 1).replace(" is ", " was ", 1)
@@ -69,19 +98,11 @@ def run_demo(out: str | Path = "demo-out", size: str = "tiny", *, retrain: bool 
     log = _Log(progress)
 
     log("building the corpus and the tokenizer")
-    corpus = data.build_corpus(spec.corpus.n_docs, spec.corpus.n_records, max_chars=spec.corpus.max_chars,
-                               seed=seed)
+    demo_data = prepare_data(spec, seed)
+    corpus, tokenizer, encode = demo_data.corpus, demo_data.tokenizer, demo_data.encode
     data.write_corpus(corpus, out / "corpus")
-    train_docs = corpus.train_documents()
-    tokenizer = data.train_tokenizer(train_docs, vocab_size=spec.corpus.vocab_size)
-
-    def encode(docs: list[data.Document]) -> list[list[int]]:
-        return data.encode_documents(tokenizer, docs, spec.corpus.max_tokens)
-
-    sequences, ids = encode(train_docs), [d.id for d in train_docs]
-    holdout = corpus.split("holdout")
-    half = len(holdout) // 2
-    reference_docs, judge_docs = holdout[:half], holdout[half:]
+    sequences, ids = encode(demo_data.train_docs), [d.id for d in demo_data.train_docs]
+    reference_docs, judge_docs = demo_data.reference_docs, demo_data.judge_docs
 
     log(f"training a {spec.model} GPT-2 on {len(sequences)} documents for {spec.epochs} epochs, capturing "
         "first-epoch embedding gradients")
@@ -97,11 +118,8 @@ def run_demo(out: str | Path = "demo-out", size: str = "tiny", *, retrain: bool 
     save_reference_set(store, encode(reference_docs))
 
     # The requests: a handful of forget candidates by ID, and one more by a paraphrase of its text.
-    rng = random.Random(seed)
-    candidates = corpus.split("forget")
-    chosen = rng.sample(candidates, spec.forget_by_id + 1)
-    by_id, by_text = chosen[:-1], chosen[-1]
-    forgotten = [*by_id, by_text]
+    forgotten = demo_data.forget_docs
+    by_id, by_text = forgotten[:-1], forgotten[-1]
 
     def evaluation(m: torch.nn.Module, reference: torch.nn.Module | None = None) -> EvaluationReport:
         return evaluate_model(m, tokenizer, forget=encode(forgotten), retain=encode(corpus.split("retain")),

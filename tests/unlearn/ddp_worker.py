@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from gradstore_unlearn.capture import GradientCapture
 DATA = [{"id": f"ex{i}", "input_ids": [(5 * i + 2 * j) % VOCAB for j in range(3 + i % 4)]} for i in range(15)]  # odd: the sampler pads an epoch with a repeat
 
 
-def main(uri: str) -> None:
+def main(uri: str, report_dir: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     model = DistributedDataParallel(tiny_gpt2(seed=0))
@@ -36,9 +37,10 @@ def main(uri: str) -> None:
                     model(**pad_batch([x["input_ids"] for x in items])).loss.backward()
                 optimizer.step()
                 optimizer.zero_grad()
-    print(f"rank {rank} captured {capture.report.examples_captured}", flush=True)
+    # One file per rank, not stdout: two ranks printing to one pipe can interleave within a line.
+    Path(report_dir, f"rank{rank}.json").write_text(json.dumps({"captured": capture.report.examples_captured}))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

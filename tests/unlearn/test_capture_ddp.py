@@ -18,10 +18,10 @@ def test_two_ranks_write_their_own_segments(tmp_path):
     GradStore.create(uri, dim=32, vocab_size=VOCAB, dtype="float32")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(Path(__file__).parent / "ddp_worker.py"), uri],
+         str(Path(__file__).parent / "ddp_worker.py"), uri, str(tmp_path)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    captured = sorted(int(line.split()[-1]) for line in result.stdout.splitlines() if "captured" in line)
+    captured = sorted(json.loads(p.read_text())["captured"] for p in tmp_path.glob("rank*.json"))
     assert len(captured) == 2 and sum(captured) >= len(DATA)  # a padded repeat may be captured twice...
     store = GradStore.open(uri)
     ids = store.ids()

@@ -239,7 +239,8 @@ def engine_checks(setup: Setup, epochs: int) -> list[dict[str, Any]]:
                        "value": f"{len(got)} records, {span}", "passed": got == want})
 
     unlearner = Unlearner(copy.deepcopy(setup.model), store)
-    repair, guard = unlearner._retain_samples(set(ids), unlearner._ownership(setup.sets["forget"]))
+    repair, guard = unlearner._retain_samples(set(ids), unlearner._ownership(setup.sets["forget"]), True)
+    guard = guard.sequences
     forgotten = {tuple(s) for s in setup.sets["forget"]}
     copies = sum(tuple(s) in forgotten for s in repair + guard)
     twice = any(len({tuple(s) for s in sample}) < len(sample) for sample in (repair, guard))

@@ -63,7 +63,7 @@ def test_captured_rows_equal_per_example_reference(tmp_path, tiny_model):
             torch.testing.assert_close(row.double(), expected[token], rtol=1e-4, atol=1e-6)
         assert ex.meta["tokens"] == sequence and ex.meta["n_tokens"] == len(sequence) - 1
         ids = torch.tensor([sequence])
-        assert ex.meta["loss"] == pytest.approx(float(tiny_model(input_ids=ids, labels=ids).loss), rel=1e-5)
+        assert ex.meta["loss"] == pytest.approx(float(tiny_model(input_ids=ids, labels=ids).loss.detach()), rel=1e-5)
 
 
 def test_position_rows_are_captured_by_position(tmp_path):

@@ -15,12 +15,14 @@ from gradstore_unlearn.evaluate import sequence_losses, token_logprobs
 from gradstore_unlearn.fuzzy import MinHashIndex, ShingleIndex
 from gradstore_unlearn.gradients import embedding_hvp, inverse_hvp
 from gradstore_unlearn.train import TrainConfig, train_model
-from gradstore_unlearn.unlearn import ForgetConfig, ForgetError, Unlearner, model_hash
+from gradstore_unlearn.unlearn import ForgetConfig, ForgetError, Unlearner, model_hash, save_reference_set
 
 SECRET = slice(9, 13)  # positions of the four secret tokens in a record
 # The retain loss of these tiny records is ~0.25 nats: a 2% guard is 0.005 nats, finer than the noise of a
-# 20-example guard sample. Tests that need the target reached allow 10% (0.025 nats); others keep the default.
-LENIENT = ForgetConfig(retain_tolerance=0.10)
+# 13-example guard sample. Tests that need the target reached allow 10% (0.025 nats), without the repair step:
+# on this world repair costs more unseen retained loss than it wins back, and with it the engine stops short of
+# the target (measured: 1 of 5 sampling seeds reaches it, against 5 of 5 without). The others keep the default.
+LENIENT = ForgetConfig(retain_tolerance=0.10, repair=False)
 
 
 class SpaceTokenizer:
@@ -55,10 +57,14 @@ def test_iterative_forgetting_reaches_never_seen_levels_and_erases(world):
     unlearner = Unlearner(world.model, world.store, config=LENIENT)
     target_before = world.train["r1"]
     seen_secret = secret_logprob(world.model, [target_before])
+    retain_before_all = float(sequence_losses(world.model, [s for k, s in world.train.items() if k != "r1"]).mean())
     report = unlearner.forget(["r1"], mode="iterative")
     assert report.status == "forgotten", report.message
     assert report.forget_loss_after == pytest.approx(report.target_loss, rel=0.021)
     assert report.retain_loss_after <= report.retain_loss_before * 1.10 + 1e-9
+    # The guard's estimate holds for every retained example, not only the ones it sampled.
+    others = [s for k, s in world.train.items() if k != "r1"]
+    assert float(sequence_losses(world.model, others).mean()) <= retain_before_all * 1.11
     # Judged on never-seen records the calibration did not use: same loss level, secret no longer known.
     judge = sequence_losses(world.model, world.judge)
     assert float(sequence_losses(world.model, [target_before])[0]) > float(judge.quantile(0.1))
@@ -283,9 +289,44 @@ def test_a_store_captured_every_epoch_counts_each_example_once(tmp_path):
     for tokens in train.values():
         expected[torch.unique(torch.tensor(tokens))] += 1
     assert torch.equal(unlearner.document_frequency(), expected)
-    repair, guard = unlearner._retain_samples({"r0"}, unlearner._ownership([train["r0"]]))
-    assert train["r0"] not in repair + guard and len(repair + guard) <= len(train) - 1
+    repair, guard = unlearner._retain_samples({"r0"}, unlearner._ownership([train["r0"]]), True)
+    assert train["r0"] not in repair + guard.sequences and len(repair + guard.sequences) <= len(train) - 1
     assert [m.id for m in unlearner.find(" ".join(map(str, train["r3"])), 0.9)] == ["r3"]
     assert unlearner.forget(["r3"], dry_run=True).status == "dry_run"
     assert all(k in store for k in ("r3", "r3@epoch1", "r3@epoch2"))
     assert unlearner._all_keys("r3") == ["r3", "r3@epoch1", "r3@epoch2"]  # what a commit erases
+
+
+def test_the_guard_sample_is_stratified_disjoint_from_repair_and_independent_of_store_order(built, tmp_path):
+    """The guard sees the retained examples most at risk, weighs them by their share of the retained set, never
+    overlaps the repair pool, and is the same whatever order the capture threads committed the store in."""
+    others = [k for k in built.train if k != "r1"]
+    unlearner = Unlearner(copy.deepcopy(built.model), built.store)
+    ownership = unlearner._ownership([built.train["r1"]])
+    repair, guard = unlearner._retain_samples({"r1"}, ownership, True)
+    assert not {tuple(s) for s in repair} & {tuple(s) for s in guard.sequences}
+    assert float(guard.weights.sum()) == pytest.approx(1.0)
+    risk = {k: float(ownership[torch.unique(torch.tensor(built.train[k]))].sum()) for k in others}
+    most = max(others, key=lambda k: risk[k])
+    assert risk[most] > 0 and built.train[most] in repair + guard.sequences  # the most at risk is always drawn
+    second = sorted(others, key=lambda k: -risk[k])[1]
+    assert built.train[second] in guard.sequences  # and the guard gets its share of the at-risk stratum
+    # The weighted guard loss estimates the mean over every retained example: at the trained model, where no
+    # stratum is special, it lands near the plain mean (a plain mean over the guard would not, if at-risk
+    # examples differ).
+    population = float(sequence_losses(built.model, [built.train[k] for k in others]).mean())
+    assert unlearner._guard_loss(guard) == pytest.approx(population, rel=0.25)
+    # Without repair the whole at-risk stratum guards.
+    no_repair, full_guard = unlearner._retain_samples({"r1"}, ownership, False)
+    assert no_repair == [] and built.train[most] in full_guard.sequences
+    # Same store content committed in the opposite order: the same samples.
+    reversed_store = GradStore.create(tmp_path / "reversed", dim=32, vocab_size=VOCAB, dtype="float32")
+    batch = built.store.get_many(list(reversed(built.store.ids())), with_meta=True)
+    with reversed_store.writer() as writer:
+        for i, example_id in enumerate(batch.ids):
+            lo, hi = int(batch.offsets[i]), int(batch.offsets[i + 1])
+            writer.append([example_id], [batch.token_ids[lo:hi]], [batch.rows[lo:hi]], [batch.meta[i]])
+    save_reference_set(reversed_store, built.holdout[:10])
+    again = Unlearner(copy.deepcopy(built.model), reversed_store)
+    repair2, guard2 = again._retain_samples({"r1"}, again._ownership([built.train["r1"]]), True)
+    assert repair2 == repair and guard2.sequences == guard.sequences and torch.equal(guard2.weights, guard.weights)

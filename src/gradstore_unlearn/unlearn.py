@@ -7,8 +7,9 @@
    dot-product scores against the current retain-loss gradient measure each example's first-order
    interference with what must be kept;
 3. calibration of s by bracketing and bisection until the forgotten examples' mean loss reaches the target —
-   the mean loss of holdout examples the model never saw — while a retain guard holds (the loss on a sample of
-   retained examples may rise by at most `retain_tolerance`, 2%). It stops *at* the target: over-unlearning
+   the mean loss of holdout examples the model never saw — while a retain guard holds (the mean loss of every
+   retained example, estimated from a sample stratified by how much the example shares with the forgotten ones,
+   may rise by at most `retain_tolerance`, 2%). It stops *at* the target: over-unlearning
    leaks membership as surely as under-unlearning. If the guard forbids the target, the model is left at the
    best admissible point and the report says so;
 4. in `iterative` mode, further calibrated steps with fresh gradients of the forgotten examples on the current
@@ -300,7 +301,7 @@ class Unlearner:
             repair = at_risk[0::2] + rest[:half]
             guard_risk, guard_rest = at_risk[1::2], rest[half : 2 * half] or rest[:half]
         else:
-            repair, guard_risk, guard_rest = [], at_risk, rest[: max(1, size - len(at_risk))]
+            repair, guard_risk, guard_rest = [], at_risk, rest[:size]
         # Stratum weights: an example stands for its stratum's share of the pool, split among its sample.
         weights = ([len(at_risk) / len(pool) / len(guard_risk)] * len(guard_risk)
                    + [len(rest) / len(pool) / len(guard_rest)] * len(guard_rest)) if guard_risk else (

@@ -216,7 +216,7 @@ def build_setup(args: argparse.Namespace, work: Path, log: Log) -> Setup:
                "corpus": corpus.split_counts(), "train_seconds": trained.seconds,
                "retrain_seconds": retrain_seconds, "final_loss": trained.final_loss,
                "capture": trained.capture.to_dict() if trained.capture else None,
-               "store": store.stats().to_dict()},
+               "store": {**store.stats().to_dict(), "uri": "store"}},  # a temporary directory: no path kept
     )
     setup.checks = engine_checks(setup, args.epochs)
     return setup

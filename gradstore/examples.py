@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -71,6 +72,21 @@ class Batch:
     def dequantized(self) -> torch.Tensor:
         """Rows as float32 [R, D]."""
         return _dequantize(self.rows, self.scales)
+
+    def select(self, indices: Sequence[int]) -> Batch:
+        """The examples at `indices`, in that order, as a new batch (their rows gathered into one block)."""
+        idx = torch.as_tensor(list(indices), dtype=torch.int64)
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(f"select: indices must lie in [0, {len(self)}), got {idx.tolist()}")
+        starts, lengths = self.offsets[idx], self.offsets[idx + 1] - self.offsets[idx]
+        offsets = torch.zeros(len(idx) + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        # Row r of the new batch comes from row start(e) + (r - offsets[e]) of this one, e its example.
+        rows = (torch.arange(int(offsets[-1]), dtype=torch.int64)
+                + torch.repeat_interleave(starts - offsets[:-1], lengths))
+        return Batch(ids=[self.ids[i] for i in idx.tolist()], offsets=offsets, token_ids=self.token_ids[rows],
+                     rows=self.rows[rows], scales=None if self.scales is None else self.scales[rows],
+                     meta=None if self.meta is None else [self.meta[i] for i in idx.tolist()])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The same batch with its tensors on `device` (IDs and metadata stay Python objects)."""

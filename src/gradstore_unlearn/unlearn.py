@@ -39,7 +39,7 @@ import random
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -773,7 +773,13 @@ class Unlearner:
             raise ForgetError(f"k must be a positive integer, got {k!r}")
         tokens, rows = self.query_rows(query)
         own = query if not isinstance(query, str) or query in self.store else None
-        top = topk_influence((tokens, rows), self.store.iter_batches(256), k + (1 if own is not None else 0),
+        batches: Iterable[Any] = self.store.iter_batches(256)
+        if self.store.config.capture.get("policy") == "all":
+            # Rank examples, not per-epoch records: each example by its first-epoch record, as forget applies it.
+            batches = (kept for batch in batches
+                       if len(kept := batch.select([i for i, key in enumerate(batch.ids)
+                                                    if not is_later_epoch_record(key)])))
+        top = topk_influence((tokens, rows), batches, k + (1 if own is not None else 0),
                              vocab_size=self.store.vocab_size)
         pairs = [(i, float(v)) for i, v in zip(top.ids, top.scores.tolist(), strict=True)]
         if exclude_self and own is not None:

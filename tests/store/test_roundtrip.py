@@ -77,6 +77,28 @@ def test_get_many_is_csr_in_request_order(make_store):
     assert len(empty) == 0 and empty.rows.shape == (0, 4) and empty.offsets.tolist() == [0]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_a_batch_selects_examples_in_any_order(tmp_path, dtype):
+    from gradstore import GradStore
+
+    store = GradStore.create(tmp_path / "s", dim=4, vocab_size=30, dtype=dtype)
+    token_ids, rows = random_examples(8, 4, 30, seed=2)  # examples 0 and 1 hold 0 and 1 rows
+    with store.writer() as w:
+        w.append(list(range(8)), token_ids, rows, [{"i": i} for i in range(8)])
+    batch = store.get_many(list(range(8)), with_meta=True)
+    picked = [5, 0, 1, 5, 7]
+    sub = batch.select(picked)
+    assert sub.ids == picked and [m["i"] for m in sub.meta] == picked
+    for j, i in enumerate(picked):
+        got, want = sub.example(j), batch.example(i)
+        assert torch.equal(got.token_ids, want.token_ids) and torch.equal(got.rows, want.rows)
+        assert (got.scales is None) == (dtype != "int8") and (got.scales is None or torch.equal(got.scales, want.scales))
+    none = batch.select([])
+    assert len(none) == 0 and none.offsets.tolist() == [0] and none.rows.shape == (0, 4)
+    with pytest.raises(IndexError, match="must lie in"):
+        batch.select([8])
+
+
 def test_unknown_and_erased_ids_raise_key_errors_naming_them(make_store):
     store, _ = make_store()
     with store.writer() as w:

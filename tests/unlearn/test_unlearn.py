@@ -292,6 +292,8 @@ def test_a_store_captured_every_epoch_counts_each_example_once(tmp_path):
     repair, guard = unlearner._retain_samples({"r0"}, unlearner._ownership([train["r0"]]), True)
     assert train["r0"] not in repair + guard.sequences and len(repair + guard.sequences) <= len(train) - 1
     assert [m.id for m in unlearner.find(" ".join(map(str, train["r3"])), 0.9)] == ["r3"]
+    ranked = [i for i, _ in unlearner.influence("r3", k=len(train))]  # examples, not per-epoch records
+    assert sorted(ranked) == sorted(k for k in train if k != "r3")
     assert unlearner.forget(["r3"], dry_run=True).status == "dry_run"
     assert all(k in store for k in ("r3", "r3@epoch1", "r3@epoch2"))
     assert unlearner._all_keys("r3") == ["r3", "r3@epoch1", "r3@epoch2"]  # what a commit erases

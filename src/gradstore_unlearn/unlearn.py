@@ -302,10 +302,11 @@ class Unlearner:
             guard_risk, guard_rest = at_risk[1::2], rest[half : 2 * half] or rest[:half]
         else:
             repair, guard_risk, guard_rest = [], at_risk, rest[:size]
-        # Stratum weights: an example stands for its stratum's share of the pool, split among its sample.
-        weights = ([len(at_risk) / len(pool) / len(guard_risk)] * len(guard_risk)
-                   + [len(rest) / len(pool) / len(guard_rest)] * len(guard_rest)) if guard_risk else (
-            [1.0 / len(guard_rest)] * len(guard_rest))
+        # Each sampled example stands for its stratum's share of the pool, divided among the stratum's sample
+        # (shares renormalised over the strata the guard holds).
+        strata = [(sample, size) for sample, size in ((guard_risk, len(at_risk)), (guard_rest, len(rest))) if sample]
+        total = sum(size for _, size in strata)
+        weights = [size / total / len(sample) for sample, size in strata for _ in sample]
         guard = _GuardSample([pool[j] for j in guard_risk + guard_rest], torch.tensor(weights, dtype=torch.float64))
         return [pool[j] for j in repair], guard
 

@@ -9,11 +9,13 @@
 # next. What lands in $OUT (at most 8 files: the device tool brings back no more):
 #   env.txt                     versions, nvidia-smi, import checks, and at the end each step's rc and seconds
 #   pytest_gpu.log              GPU-marked tests: tests/kernels/test_gpu.py and tests/unlearn/test_capture_gpu.py
-#   kernel_throughput.log       + kernel_throughput_<device>.json / .png (JSON rewritten after every row)
+#   kernel_throughput.log       + kernel_throughput_<device>.json (rewritten after every row; no PNG:
+#                               draw it from the JSON afterwards, with kernel_throughput.plot)
+#   ascent_tuning_<device>.json the deterministic kernel's sweep (its log goes into kernel_throughput.log)
 #   cross_entropy_<device>.json the per-example loss kernel (its log goes into kernel_throughput.log)
 #   capture_overhead.log        + capture_overhead_<device>.json
 #   (pytest_gpu.log also gets, if time is left, the Triton-vs-reference parity tests compiled on the GPU)
-# Worst case (every step at its timeout) ~7 minutes; expected ~4-5. Environment knobs: BUDGET_S (default 330:
+# Worst case (every step at its timeout) ~9 minutes (530 s); expected ~5. Environment knobs: BUDGET_S (default 330:
 # the optional step only starts with >= 45 s of it left), PYTHON (default python3).
 set -u -o pipefail
 
@@ -127,21 +129,27 @@ export DRY PY
 run_step env "$ENV_TXT" 45 bash -c env_report
 
 if [[ $DRY == 0 ]]; then
-  run_step pytest_gpu "$OUT/pytest_gpu.log" 90 \
+  run_step pytest_gpu "$OUT/pytest_gpu.log" 75 \
     "$PY" -m pytest -q -m gpu -rs --durations=8 tests/kernels tests/unlearn/test_capture_gpu.py
+  # The deterministic kernel's launch constants, swept at 2M rows; the table below runs with the fastest.
+  run_step ascent_tuning "$OUT/kernel_throughput.log" 120 \
+    "$PY" benchmarks/ascent_tuning.py --device cuda --out "$OUT"
+  TUNING=()
+  for f in "$OUT"/ascent_tuning_*.json; do [[ -e "$f" ]] && TUNING=(--tuning "$f"); done
   # torch_compile last: compiling the reference at 2M rows is the slowest part (its chunk loop unrolls);
   # the JSON is rewritten after every row, and SIGTERM from the timeout writes what was measured.
-  run_step kernel_throughput "$OUT/kernel_throughput.log" 150 \
-    "$PY" benchmarks/kernel_throughput.py --device cuda --out "$OUT" \
+  # No PNG here (the device tool brings back 8 files): draw it from the JSON afterwards.
+  run_step kernel_throughput "$OUT/kernel_throughput.log" 120 \
+    "$PY" benchmarks/kernel_throughput.py --device cuda --out "$OUT" --no-plot "${TUNING[@]}" \
     --providers torch_eager triton_det triton_atomic torch_compile
   # The per-example loss that capture records: one Triton pass vs torch.logsumexp (7% of a step before).
   run_step cross_entropy "$OUT/kernel_throughput.log" 60 \
     "$PY" benchmarks/cross_entropy_throughput.py --device cuda --out "$OUT"
-  # Rounds of 5 arms x 15 steps; the 2nd and 3rd start only if they fit in 75 s of timed rounds (a slow
+  # Rounds of 5 arms x 15 steps; the 2nd and 3rd start only if they fit in 60 s of timed rounds (a slow
   # writer stretches the capture blocks), and the JSON is rewritten after every round.
-  run_step capture_overhead "$OUT/capture_overhead.log" 130 \
+  run_step capture_overhead "$OUT/capture_overhead.log" 110 \
     "$PY" benchmarks/capture_overhead.py --device cuda --size gpt2 --batch 16 --seq 512 \
-    --steps 15 --blocks 3 --warmup 20 --budget-s 75 --out "$OUT"
+    --steps 15 --blocks 3 --warmup 20 --budget-s 60 --out "$OUT"
 else
   run_step pytest_gpu "$OUT/pytest_gpu.log" 90 \
     "$PY" -m pytest -q -m gpu -rs --durations=8 tests/kernels tests/unlearn/test_capture_gpu.py
@@ -166,10 +174,6 @@ else
 fi
 
 # ----------------------------------------------------------------------------------------------- summary
-# Results were written straight into $OUT; stray copies elsewhere (none expected) are gathered too.
-for f in benchmarks/results/capture_overhead_*.json; do
-  [[ -e "$f" && "$f" != *_cpu.json && ! -e "$OUT/$(basename "$f")" ]] && cp "$f" "$OUT/"
-done
 {
   echo
   echo "== steps ($SECONDS s in all)"

@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="output file stem (default from the device)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--tuning", type=Path, default=None,
+                   help="an ascent_tuning JSON: run the Triton kernels with its best configuration")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON only (the plot can be drawn later)")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -186,6 +189,7 @@ def run(args: argparse.Namespace, on_progress=None) -> dict:
             "w_dtype": args.w_dtype, "q": "separate fp32" if args.separate_q else "W (aliased)",
             "token_ids": "Zipf(1)", "repeats": args.repeats, "statistic": "median",
             "cpu_threads": torch.get_num_threads(),
+            "deterministic_kernel": deterministic_kernel_config(),
         },
         "skipped_providers": skipped,
         "complete": False,
@@ -230,6 +234,17 @@ def run(args: argparse.Namespace, on_progress=None) -> dict:
             del W_check, W_bench
     report["complete"] = True
     return report
+
+
+def deterministic_kernel_config() -> dict | None:
+    """The launch constants the deterministic Triton kernel ran with (None without Triton)."""
+    try:
+        from ascent_tuning import TUNED
+
+        from gradstore_kernels import ascent_triton
+    except ImportError:
+        return None
+    return {name: getattr(ascent_triton, name) for name in TUNED}
 
 
 def triton_version() -> str | None:
@@ -316,6 +331,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tuning is not None:
+        from ascent_tuning import apply_config
+
+        apply_config(json.loads(args.tuning.read_text())["best"]["config"])
     stem = args.name or f"kernel_throughput_{device_slug(args.device)}"
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.out / f"{stem}.json", args.out / f"{stem}.png"
@@ -335,12 +354,15 @@ def main(argv=None) -> None:
         print("interrupted: writing the rows measured so far", file=sys.stderr)
     save(report)
     print(table(report))
-    try:
-        plot(report, png_path)
-    except ImportError as exc:  # matplotlib is optional: the JSON and the table are the results
-        print(f"no plot ({exc}); wrote {json_path}", file=sys.stderr)
+    if args.no_plot:
+        print(f"wrote {json_path}", file=sys.stderr)
     else:
-        print(f"wrote {json_path} and {png_path}", file=sys.stderr)
+        try:
+            plot(report, png_path)
+        except ImportError as exc:  # matplotlib is optional: the JSON and the table are the results
+            print(f"no plot ({exc}); wrote {json_path}", file=sys.stderr)
+        else:
+            print(f"wrote {json_path} and {png_path}", file=sys.stderr)
     if not report["complete"]:
         sys.exit(124)
 

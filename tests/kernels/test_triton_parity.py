@@ -26,6 +26,7 @@ def small_blocks(monkeypatch):
             monkeypatch.setattr(ascent_triton, "PIECE_ROWS", rows)
         if cols is not None:
             monkeypatch.setattr(scoring_triton, "MAX_BLOCK_D", cols)
+            monkeypatch.setattr(ascent_triton, "PIECE_BLOCK_D", cols)
 
     return shrink
 
@@ -168,11 +169,15 @@ def test_deterministic_mode_is_bitwise_reproducible(make_case, small_blocks):
 
 def test_pieces_hold_one_token_and_at_most_piece_rows():
     tok = torch.tensor([5, 1, 5, 5, 2, 5, 5, 1, 5, 0, 5, 5, 5])
-    sorted_tok, perm, bounds = ascent_triton._plan_pieces(tok, 3)
+    sorted_tok, perm, bounds = ascent_triton._plan_pieces(tok, 3, vocab_size=6)
     assert torch.equal(sorted_tok.long(), tok[perm]) and torch.equal(perm[sorted_tok == 5], torch.nonzero(tok == 5).flatten())
     b = bounds.tolist()
-    assert b[0] == 0 and b[-1] == tok.numel()
-    for lo, hi in itertools.pairwise(b):
+    # Sized for the most pieces possible -- one per token (6) plus one per cut (4 inside the
+    # 13 rows) -- without counting them on the host: the real pieces, then empty ones.
+    assert len(b) == 6 + 4 + 1 and b[0] == 0 and b[-1] == tok.numel()
+    real = b[: b.index(tok.numel()) + 1]
+    assert all(x == tok.numel() for x in b[len(real) :])
+    for lo, hi in itertools.pairwise(real):
         assert 0 < hi - lo <= 3 and sorted_tok[lo:hi].unique().numel() == 1
 
 

@@ -6,7 +6,8 @@
 2. Train a GPT-2-architecture model from scratch with gradient capture into a store.
 3. Forget a handful of records by ID, and one more by text (fuzzy matching finds it from a paraphrase).
 4. Evaluate before and after: the forgotten records' losses against never-seen records (KS test), canary
-   exposure of forgotten vs never-seen canaries, membership-inference AUC, retain and general perplexity.
+   exposure of forgotten vs never-seen canaries, membership-inference AUC, retain and general perplexity, and
+   the perplexity of the trained docstrings (retained data outside the retain split).
 
 The holdout records are split in two: one half is the calibration target (the store's reference set), the
 other half only judges the result, so the target is never graded on the examples it was calibrated on.

@@ -40,7 +40,7 @@ the paper's findings; each verdict is computed from the table, with its criterio
 
 Writes benchmarks/results/ablations_<device>.json ("cpu", or the CUDA card's name: "nvidia-h100-80gb-hbm3"),
 with every evaluation's per-record numbers. Cost at --size tiny (the demo's 40 epochs): ~5.5 minutes on two idle
-cores (training with capture ~2 min, retraining ~2 min, the variants ~1.5 min, the iterative one ~55 s of it),
+cores (training with capture ~2 min, retraining ~2 min, the variants and their evaluations ~1.5 min),
 several times that on busy ones. Capture `all` multiplies the store by the epochs: --size small needs several GB,
 gpt2 several GB an epoch, hence `--epochs` and `--work-dir` there. One seed: with five forgotten records the
 KS p-value takes few distinct values, and the retrained reference itself varies from run to run.

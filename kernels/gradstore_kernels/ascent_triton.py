@@ -55,7 +55,7 @@ from .scoring_triton import BLOCK_R, INTERPRETED, block_d_for, segment_sum
 
 __all__ = ["INTERPRETED", "ascent_score_triton"]
 
-# Rows per piece (P). Bounds the longest program (P / BLOCK_R row tiles) and the work of
+# Rows per piece (P). Bounds the longest program (P / PIECE_BLOCK_R steps) and the work of
 # the program that reduces the hottest token (its R_hot / P slots, CUT_BLOCK at a time).
 PIECE_ROWS = 256
 CUT_BLOCK = 16

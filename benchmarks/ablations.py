@@ -26,8 +26,8 @@ same forget set and target:
     plain_ascent     the paper's plain ascent: every row moves (row_weighting="none")
 
 Engine checks, printed before the table: stored_epochs="first" reads exactly the epoch-0 record of each ID from
-the all-policy store (and "all" every epoch's); the retain sample the engine draws for its guard and repair holds
-no copy of a forgotten example and no example twice; its document frequencies (the ownership weights) count
+the all-policy store (and "all" every epoch's); the retain sample the engine draws for its guard (and its repair
+pool, with repair=True) holds no copy of a forgotten example and no example twice; its document frequencies (the ownership weights) count
 each example once, not once per epoch. If one fails, the variants' numbers are not those of a first-policy store.
 
 Columns: status (forgotten / target_not_met), the forgotten records' mean loss after, its gap to the holdout
@@ -239,7 +239,8 @@ def engine_checks(setup: Setup, epochs: int) -> list[dict[str, Any]]:
                        "value": f"{len(got)} records, {span}", "passed": got == want})
 
     unlearner = Unlearner(copy.deepcopy(setup.model), store)
-    repair, guard = unlearner._retain_samples(set(ids), unlearner._ownership(setup.sets["forget"]), True)
+    repair, guard = unlearner._retain_samples(set(ids), unlearner._ownership(setup.sets["forget"]),
+                                              unlearner.config.repair)
     guard = guard.sequences
     forgotten = {tuple(s) for s in setup.sets["forget"]}
     copies = sum(tuple(s) in forgotten for s in repair + guard)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs: environment, GPU tests, kernel throughput, capture overhead.
+# The one script a GPU session runs: environment, GPU tests, kernel tuning and throughput, the per-example loss
+# kernel, capture overhead.
 #
 #   bash benchmarks/gpu_session.sh                  # on the GPU machine: repo root, $OUT set, .whl/ carried
 #   bash benchmarks/gpu_session.sh --cpu-dry-run    # rehearsal on a CPU machine (small sizes, --device cpu);
@@ -153,9 +154,15 @@ if [[ $DRY == 0 ]]; then
 else
   run_step pytest_gpu "$OUT/pytest_gpu.log" 90 \
     "$PY" -m pytest -q -m gpu -rs --durations=8 tests/kernels tests/unlearn/test_capture_gpu.py
+  # The tuning sweep and --tuning / --no-plot, at toy sizes in the Triton interpreter.
+  run_step ascent_tuning "$OUT/kernel_throughput.log" 150 env TRITON_INTERPRET=1 \
+    "$PY" benchmarks/ascent_tuning.py --device cpu --quick --examples 2 --rows-per-example 32 --dim 48 \
+    --vocab 500 --repeats 1 --out "$OUT"
+  TUNING=()
+  for f in "$OUT"/ascent_tuning_*.json; do [[ -e "$f" ]] && TUNING=(--tuning "$f"); done
   run_step kernel_throughput "$OUT/kernel_throughput.log" 150 \
-    "$PY" benchmarks/kernel_throughput.py --device cpu --sizes 2 4 --repeats 2 --out "$OUT" \
-    --providers torch_eager triton_det triton_atomic torch_compile
+    "$PY" benchmarks/kernel_throughput.py --device cpu --sizes 2 4 --repeats 2 --out "$OUT" --no-plot \
+    "${TUNING[@]}" --providers torch_eager triton_det triton_atomic torch_compile
   run_step capture_overhead "$OUT/capture_overhead.log" 150 \
     "$PY" benchmarks/capture_overhead.py --device cpu --size tiny --batch 4 --seq 64 \
     --steps 2 --blocks 1 --warmup 1 --out "$OUT"

@@ -334,7 +334,11 @@ def main(argv=None) -> None:
     if args.tuning is not None:
         from ascent_tuning import apply_config
 
-        apply_config(json.loads(args.tuning.read_text())["best"]["config"])
+        best = json.loads(args.tuning.read_text()).get("best")
+        if best is None:  # the sweep measured nothing (cut short, or every configuration failed)
+            print(f"{args.tuning} names no best configuration: running with the defaults", file=sys.stderr)
+        else:
+            apply_config(best["config"])
     stem = args.name or f"kernel_throughput_{device_slug(args.device)}"
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.out / f"{stem}.json", args.out / f"{stem}.png"

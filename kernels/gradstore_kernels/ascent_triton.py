@@ -7,8 +7,9 @@ Deterministic mode (default) -- sort, segment, reduce; no atomics:
           of P = PIECE_ROWS. So a piece holds <= P rows of one token, and a hot token (up to
           ~9% of the rows under Zipf) is spread over many programs instead of serialising one.
           The piece starts are compacted on the device into a bounds array sized for the most
-          pieces there can be (one per token present plus one per cut), so the grid size needs
-          no device-to-host sync; the pieces past the last are empty and their programs exit.
+          pieces there can be (one per vocabulary entry plus one per cut: counting the tokens
+          present would need a device-to-host sync), and the programs of the empty pieces past
+          the last exit at once.
           Each row's lr is gathered into sorted order here, once.
   pass 1  One program per (piece, D-chunk). It reads Q[tok] and W[tok] up front, then streams
           the piece's rows (gathered through the sort permutation) BLOCK_R at a time, fetching
@@ -29,14 +30,17 @@ Deterministic mode (default) -- sort, segment, reduce; no atomics:
 Launch constants (PIECE_*), measured on an H200 at 2M rows (benchmarks/ascent_tuning.py): the
 kernel is bound by memory latency, not bandwidth -- the rows gathered in token order stream at
 3.9 TB/s (index_select), and the kernel is no faster on rows already in token order -- so many
-small programs win: one warp, 4 rows x 256 columns per step, 2 pipelining stages (2.0 ms against
-6.8 ms for 4 warps x 16 rows). A design with fixed spans of the sorted order and a segmented scan
-per step (equal work per program whatever the tokens) measured 7.5-21 ms and was dropped.
+small programs win: one warp, 4 rows x 256 columns per step, 2 pipelining stages (2.0 ms in all).
+Before the loads were moved up front, one warp x 8 rows took 3.3 ms and the former 4 warps x 16
+rows 6.8 ms (results/ascent_tuning_nvidia-h200_before-prefetch.json). A design with fixed spans of
+the sorted order and a segmented scan per step (equal work per program whatever the tokens)
+measured 7.5-21 ms and was dropped (results/ascent_tuning_nvidia-h200_spans.json).
 
 Every reduction has a fixed order for a given input, so results are bitwise reproducible,
 and W is rounded once from a float32 sum (bf16 accumulation of colliding updates is ~60x
-less accurate). Traffic beyond the floor: the sort, 4 * n_chunks bytes/row of partial dots,
-and scratch only for split tokens (<= 2 * R / P rows of D floats, ~3% at P = 256).
+less accurate). Traffic beyond the floor: the sort, each row's lr in sorted order (4 bytes/row,
+written once and read per D-chunk), 4 * n_chunks bytes/row of partial dots, and scratch only for
+split tokens (<= 2 * R / P rows of D floats, ~3% at P = 256).
 
 Atomic mode (opt-in): no sort; one program per (tile of rows, D-chunk) computes the dots and
 atomically adds lr * row in float32. Straight into W when W is float32 and Q is a separate
@@ -203,7 +207,7 @@ def _plan_pieces(token_ids: torch.Tensor, piece_rows: int, vocab_size: int):
     """Stable sort by token and the piece boundaries: (sorted int32 ids, perm int64, bounds int64).
 
     bounds has max_pieces + 1 entries: the starts of the pieces, then R repeated (empty pieces).
-    Sizing the grid for the most pieces there can be -- one per token present plus one per
+    Sizing the grid for the most pieces there can be -- one per vocabulary entry plus one per
     cut inside a run -- instead of counting them keeps the device-to-host sync out of the plan.
     """
     R = token_ids.numel()

@@ -26,10 +26,11 @@ share of the token's stored examples that are being forgotten, squared (`row_wei
 rows that belong to the forgotten examples move, shared rows barely do. `row_weighting="none"` is the
 paper's plain method, kept for the ablation. In iterative mode an optional repair step (`repair=True`) descends
 the retain loss of a pool of retained examples on the rows the forgotten examples do *not* own. It is off by
-default: it fits the examples it sees and not the others. Measured on the demo (by-ID request, same 2% guard):
-with repair the forgotten records' loss stopped at 2.41 nats, without it at 4.20 (target 5.58), while the
-retained examples neither step saw rose alike (docstrings +4.5% vs +4.7%, records +0.6% vs +0.3%); the repaired
-docstrings themselves fell 6.7%. The test world agrees (with repair 1 of 5 seeds reached the target, without 5).
+default: it fits the examples it sees and not the others. Measured on the demo's by-ID request at the same 2%
+guard (benchmarks/repair_effect.py): with repair the forgotten records' loss stopped at 2.41 nats, without it at
+4.20 (target 5.58), while the retained examples neither the repair step nor the guard saw rose alike (docstrings
++4.5% vs +4.7%, records +0.6% vs +0.3%); the repaired docstrings themselves fell 6.7%. The test world agrees
+(with repair 1 of 5 sampling seeds reached the target, without 5 of 5).
 """
 
 from __future__ import annotations
@@ -554,8 +555,9 @@ class Unlearner:
 
         Each step: the gradient through the embedding lookup, on the current model, of sum_i w_i L_i with
         w_i = t_i - L_i (every example pulled toward its own target t_i: up if below, down if above), rows
-        weighted by ownership; a normalised step of `iterative_step` x ||W||; then a repair step that descends
-        the loss of a batch from the repair pool on the rows the forgotten examples do not own. The guard
+        weighted by ownership; a normalised step of `iterative_step` x ||W||; then, with `repair=True`, a repair
+        step that descends the loss of a batch from the repair pool on the rows the forgotten examples do not own.
+        The guard
         sample is checked after every step; a step that breaks it (or overshoots the target band) is undone
         and the step size halved, a step that passes lets the next one grow by half.
         """

@@ -71,10 +71,10 @@ from bench_device import card_name, device_slug
 from gradstore import GradStore
 from gradstore_unlearn import data
 from gradstore_unlearn.capture import is_later_epoch_record
-from gradstore_unlearn.demo import DEMO_SIZES, prepare_data
+from gradstore_unlearn.demo import DEMO_SIZES, prepare_data, train_demo_model
 from gradstore_unlearn.evaluate import EvaluationReport, evaluate_model, sequence_losses
-from gradstore_unlearn.train import MODEL_SIZES, TrainConfig, build_model, retrain_without, train_model
-from gradstore_unlearn.unlearn import ForgetConfig, Unlearner, save_reference_set
+from gradstore_unlearn.train import MODEL_SIZES, retrain_without
+from gradstore_unlearn.unlearn import ForgetConfig, Unlearner
 
 TOLERANCE = ForgetConfig().target_tolerance  # the engine's target band, +-2% of the target loss
 
@@ -187,15 +187,9 @@ def build_setup(args: argparse.Namespace, work: Path, log: Log) -> Setup:
 
     log(f"training a {spec.model} GPT-2 on {len(sequences)} documents for {spec.epochs} epochs, capturing every "
         "epoch (policy all)")
-    model = build_model(spec.model, len(tokenizer), spec.corpus.max_tokens, seed=args.seed,
-                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    store = GradStore.create(work / "store", dim=model.config.n_embd, vocab_size=len(tokenizer),
-                             dtype="bfloat16", model_id=f"ablations-{spec.model}", capture_policy="all")
-    config = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=args.seed,
-                         device=args.device, pad_token_id=tokenizer.pad_token_id,
-                         autocast_dtype="bfloat16" if args.device == "cuda" else None)
-    trained = train_model(model, sequences, ids, config, store=store, progress=False)
-    save_reference_set(store, encode(reference_docs))
+    trained_demo = train_demo_model(spec, demo_data, work / "store", seed=args.seed, device=args.device,
+                                    model_id=f"ablations-{spec.model}", capture_policy="all", progress=False)
+    model, store, config, trained = trained_demo.model, trained_demo.store, trained_demo.config, trained_demo.result
     log(f"  {trained.seconds:.0f} s, final loss {trained.final_loss:.3f}, store {store.stats().examples} records")
 
     log("retraining without the forget set (the reference for the KS test)")

@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 
 from gradstore import GradStore
-from gradstore_unlearn.demo import DEMO_SIZES, prepare_data
+from gradstore_unlearn.demo import DEMO_SIZES, prepare_data, train_demo_model
 from gradstore_unlearn.evaluate import sequence_losses
-from gradstore_unlearn.train import TrainConfig, build_model, train_model
-from gradstore_unlearn.unlearn import ForgetConfig, Unlearner, save_reference_set
+from gradstore_unlearn.unlearn import ForgetConfig, Unlearner
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,15 +58,7 @@ def main(argv=None) -> None:
     work = Path(tempfile.mkdtemp(prefix="repair-effect-"))
     try:
         print("training the demo's model with capture ...", flush=True)
-        model = build_model(spec.model, len(tokenizer), spec.corpus.max_tokens, seed=args.seed,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        store = GradStore.create(work / "store", dim=model.config.n_embd, vocab_size=len(tokenizer),
-                                 dtype="bfloat16", model_id=f"demo-{spec.model}")
-        config = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=args.seed,
-                             device="cpu", pad_token_id=tokenizer.pad_token_id)
-        train_model(model, encode(demo.train_docs), [d.id for d in demo.train_docs], config, store=store,
-                    progress=False)
-        save_reference_set(store, encode(demo.reference_docs))
+        model = train_demo_model(spec, demo, work / "store", seed=args.seed, device="cpu", progress=False).model
         before = {name: sequence_losses(model, seqs).double() for name, seqs in encoded.items()}
 
         variants = {}

@@ -29,7 +29,7 @@ from gradstore import GradStore
 from . import data
 from .evaluate import EvaluationReport, compare, evaluate_model, ks_test, perplexity
 from .tables import format_table
-from .train import TrainConfig, build_model, retrain_without, save_model, train_model
+from .train import TrainConfig, TrainResult, build_model, retrain_without, save_model, train_model
 from .unlearn import ForgetConfig, ForgetReport, Unlearner, save_reference_set
 
 
@@ -81,6 +81,36 @@ def prepare_data(spec: DemoSize, seed: int = 0) -> DemoData:
                     forget_docs)
 
 
+@dataclass
+class TrainedDemo:
+    """A model trained on a demo's data with capture into its store (`train_demo_model`)."""
+
+    model: torch.nn.Module
+    store: GradStore
+    config: TrainConfig
+    result: TrainResult
+
+
+def train_demo_model(spec: DemoSize, demo_data: DemoData, store_uri: str | Path, *, seed: int = 0,
+                     device: str = "cpu", model_id: str | None = None, capture_policy: str = "first",
+                     progress: bool = True) -> TrainedDemo:
+    """Train the demo's model from scratch on `demo_data`'s training documents, capturing into a new bfloat16 store
+    at `store_uri`, and keep the reference holdout records in the store as the calibration target."""
+    tokenizer = demo_data.tokenizer
+    model = build_model(spec.model, len(tokenizer), spec.corpus.max_tokens, seed=seed,
+                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    store = GradStore.create(store_uri, dim=model.config.n_embd, vocab_size=len(tokenizer), dtype="bfloat16",
+                             model_id=model_id or f"demo-{spec.model}", capture_policy=capture_policy)
+    config = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=seed, device=device,
+                         pad_token_id=tokenizer.pad_token_id,
+                         autocast_dtype="bfloat16" if device == "cuda" else None)
+    docs = demo_data.train_docs
+    result = train_model(model, demo_data.encode(docs), [d.id for d in docs], config, store=store,
+                         progress=progress)
+    save_reference_set(store, demo_data.encode(demo_data.reference_docs))
+    return TrainedDemo(model, store, config, result)
+
+
 def _paraphrase(text: str) -> str:
     """A near-duplicate of a record, as a person might paste it into an erasure request."""
     return text.replace(".", ";", 1).replace(" is ", " was ", 1)
@@ -103,20 +133,13 @@ def run_demo(out: str | Path = "demo-out", size: str = "tiny", *, retrain: bool 
     corpus, tokenizer, encode = demo_data.corpus, demo_data.tokenizer, demo_data.encode
     data.write_corpus(corpus, out / "corpus")
     sequences, ids = encode(demo_data.train_docs), [d.id for d in demo_data.train_docs]
-    reference_docs, judge_docs = demo_data.reference_docs, demo_data.judge_docs
+    judge_docs = demo_data.judge_docs
 
     log(f"training a {spec.model} GPT-2 on {len(sequences)} documents for {spec.epochs} epochs, capturing "
         "first-epoch embedding gradients")
-    model = build_model(spec.model, len(tokenizer), spec.corpus.max_tokens, seed=seed,
-                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    store = GradStore.create(out / "store", dim=model.config.n_embd, vocab_size=len(tokenizer), dtype="bfloat16",
-                             model_id=f"demo-{spec.model}")
-    config = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=seed, device=device,
-                         pad_token_id=tokenizer.pad_token_id,
-                         autocast_dtype="bfloat16" if device == "cuda" else None)
-    trained = train_model(model, sequences, ids, config, store=store, progress=progress)
+    trained_demo = train_demo_model(spec, demo_data, out / "store", seed=seed, device=device, progress=progress)
+    model, store, config, trained = trained_demo.model, trained_demo.store, trained_demo.config, trained_demo.result
     save_model(model, tokenizer, out / "model", extra={"train": config.to_dict(), "result": trained.to_dict()})
-    save_reference_set(store, encode(reference_docs))
 
     # The requests: a handful of forget candidates by ID, and one more by a paraphrase of its text.
     forgotten = demo_data.forget_docs

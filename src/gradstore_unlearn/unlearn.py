@@ -557,9 +557,8 @@ class Unlearner:
         w_i = t_i - L_i (every example pulled toward its own target t_i: up if below, down if above), rows
         weighted by ownership; a normalised step of `iterative_step` x ||W||; then, with `repair=True`, a repair
         step that descends the loss of a batch from the repair pool on the rows the forgotten examples do not own.
-        The guard
-        sample is checked after every step; a step that breaks it (or overshoots the target band) is undone
-        and the step size halved, a step that passes lets the next one grow by half.
+        The guard sample is checked after every step; a step that breaks it (or overshoots the target band) is
+        undone and the step size halved, a step that passes lets the next one grow by half.
         """
         cfg = self.config
         weight = params[0][1]

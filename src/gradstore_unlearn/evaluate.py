@@ -397,6 +397,30 @@ def _canary_ids(tokenizer: Any, canary: Canary) -> tuple[list[int], list[int], l
     return prefix_ids, digit_ids, secret_idx
 
 
+def _context_length(model: torch.nn.Module) -> int | None:
+    """The most positions the model can attend over (GPT-2: ``n_positions``), or None if it does not say."""
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _fit_prefix(model: torch.nn.Module, prefix_ids: list[int], length: int) -> list[int]:
+    """The prefix, cut from the left so that prefix + a ``length``-token secret fits the model's context.
+
+    A canary planted late in a long record sits beyond the context of a short-context model; the model can
+    only ever condition on the last positions before the secret, so that is what exposure scores.
+    """
+    limit = _context_length(model)
+    if limit is None or len(prefix_ids) + length <= limit:
+        return prefix_ids
+    if limit <= length:
+        raise ValueError(f"a {length}-character secret does not fit the model's context of {limit} positions")
+    return prefix_ids[len(prefix_ids) + length - limit :]
+
+
 def _alphabet_logprobs(
     model: torch.nn.Module,
     prefix_ids: list[int],
@@ -428,6 +452,7 @@ def _alphabet_logprobs(
     if batch_size is None:
         batch_size = 128 if device.type == "cpu" else 1024
     n_rows, n_suffix = suffixes.shape
+    prefix_ids = _fit_prefix(model, prefix_ids, n_suffix + 1)
     digits = torch.tensor(digit_ids, device=device)
     prefix = torch.tensor([prefix_ids], dtype=torch.long, device=device)
 
@@ -637,6 +662,7 @@ def extractions(
     seqs, starts = [], []
     for c in canaries:
         prefix_ids, digit_ids, secret_idx = _canary_ids(tokenizer, c)
+        prefix_ids = _fit_prefix(model, prefix_ids, c.length)
         seqs.append(prefix_ids + [digit_ids[j] for j in secret_idx])
         starts.append(len(prefix_ids) - 1)  # the position whose prediction is the first secret token
     result = torch.zeros(len(seqs), dtype=torch.bool)

@@ -99,23 +99,6 @@ def embedding_gradient(model: torch.nn.Module, sequences: Sequence[Sequence[int]
     return rows, grads
 
 
-def full_embedding_gradient(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_token_id: int = 0,
-                            batch_size: int = 32) -> torch.Tensor:
-    """float32 [V, D]: gradient of the mean of the sequences' own losses w.r.t. the embedding matrix itself.
-
-    Unlike `embedding_gradient` this includes the output side of tied embeddings (every row's logit in every
-    context), which is what a repair step must see: moving a row changes its token's probability everywhere.
-    """
-    weight = model.get_input_embeddings().weight
-    total = torch.zeros_like(weight, dtype=torch.float32)
-    with _training_mode(model, False), torch.enable_grad():
-        for _, input_ids, mask in _batches(sequences, batch_size, pad_token_id, weight.device):
-            loss = own_mean_losses(model, input_ids, mask).sum() / len(sequences)
-            (grad,) = torch.autograd.grad(loss, [weight])
-            total += grad.float()
-    return total
-
-
 def sparse_rows(model: torch.nn.Module, sequence: Sequence[int], *, pad_token_id: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A sequence's own embedding rows on the current model: (token_ids int32 [k], rows float32 [k, D])."""

@@ -69,6 +69,7 @@ LAYERS = ("embedding", "last2", "all")
 REQUESTS = "requests"  # requests/<request id>.json: the report of each completed request (idempotency)
 FORGET_JOURNAL = "forget-journal"  # forget-journal/<request id>.json: a request between model save and erase
 REFERENCE_KEY = "reference/holdout.json"
+TARGET_BAND = 0.02  # an example "below its target" ends more than this fraction under it (ForgetReport.examples)
 
 
 @dataclass
@@ -146,6 +147,10 @@ class ForgetReport:
     iterations: int = 0
     evaluations: int = 0
     interference: list[float] = field(default_factory=list)  # kernel scores: <lr_i g_i, d retain loss / dW>
+    # One entry per example of `ids`, in order (no IDs, so persisted copies carry it as is): loss_before,
+    # loss_after, target (its own in iterative mode, else the mean target), tokens (distinct) and owned_tokens
+    # (those at least half of whose stored examples this request forgets: the rows that can move freely).
+    examples: list[dict[str, Any]] = field(default_factory=list)
     model_hash_before: str | None = None
     model_hash_after: str | None = None
     erasure_receipt: str | None = None
@@ -177,10 +182,24 @@ class ForgetReport:
             ("forget loss after", self.forget_loss_after), ("retain loss before", self.retain_loss_before),
             ("retain loss after", self.retain_loss_after),
             ("retain change", None if change is None else f"{100 * change:+.2f}%"),
+            ("examples below their target", self._below_target_summary()),
             ("scale", self.scale), ("iterations", self.iterations), ("loss evaluations", self.evaluations),
             ("model hash after", (self.model_hash_after or "-")[:16]), ("erasure receipt", self.erasure_receipt),
             ("seconds", round(self.seconds, 2)), ("note", self.message or "-"),
         ])
+
+
+    def below_target(self) -> list[int]:
+        """Positions in `ids` of the examples whose loss ended below their own target band, furthest first."""
+        short = [(e["target"] - e["loss_after"], i) for i, e in enumerate(self.examples)
+                 if e["loss_after"] < e["target"] * (1 - TARGET_BAND)]
+        return [i for _, i in sorted(short, reverse=True)]
+
+    def _below_target_summary(self) -> str | None:
+        if not self.examples:
+            return None
+        below = self.below_target()
+        return f"{len(below)} of {len(self.examples)}"
 
 
 def model_hash(model: torch.nn.Module) -> str:
@@ -336,17 +355,21 @@ class Unlearner:
             self._doc_freq = torch.from_numpy(counts).float()
         return self._doc_freq
 
-    def _ownership(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
-        """float32 [V] in [0, 1]: weight of each embedding row (see the module docstring)."""
-        vocab = self.model.get_input_embeddings().weight.shape[0]
-        if self.config.row_weighting == "none":
-            return torch.ones(vocab)
+    def _token_shares(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """float64 [store vocab] in [0, 1]: the share of each token's stored examples that are among `sequences`."""
         mine = np.zeros(self.store.vocab_size, dtype=np.float64)
         for tokens in sequences:
             mine[np.unique(np.asarray(tokens, dtype=np.int64))] += 1
         df = self.document_frequency().numpy()
         share = np.where(df > 0, mine / np.maximum(df, 1), 1.0)  # tokens no stored example has: all ours
-        return torch.from_numpy(np.clip(share, 0, 1) ** self.config.ownership_power).float()[:vocab]
+        return np.clip(share, 0, 1)
+
+    def _ownership(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """float32 [V] in [0, 1]: weight of each embedding row (see the module docstring)."""
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        if self.config.row_weighting == "none":
+            return torch.ones(vocab)
+        return torch.from_numpy(self._token_shares(sequences) ** self.config.ownership_power).float()[:vocab]
 
     def _targets(self, forget_losses: torch.Tensor, holdout_losses: torch.Tensor) -> torch.Tensor:
         """Per-example targets: the holdout loss quantiles, assigned in the order of the current losses."""
@@ -489,12 +512,24 @@ class Unlearner:
         scale, (f, r) = self._search(apply, target, admissible, cfg.initial_scale)
         report.scale = scale * unit
         report.iterations = 1
+        targets = torch.full_like(forget_before, target)
         # --- iterative: fresh gradients on the current model, each example toward its own target ---------
         if mode == "iterative" and not self._reached(f, target):
-            f, r, iterations, more = self._iterate(sequences, repair, retain, holdout, limit, ownership, params)
+            f, r, iterations, more, targets = self._iterate(sequences, repair, retain, holdout, limit, ownership,
+                                                            params)
             report.iterations += iterations
             evaluations += more
-        report.forget_loss_after, report.retain_loss_after, report.evaluations = f, r, evaluations
+        report.forget_loss_after, report.retain_loss_after = f, r
+        # Per example: where each one ended, and how many rows it owns -- the first thing to look at when a
+        # request stops short (an example that shares nearly all its tokens can only move their rows a little).
+        forget_after = self._losses(sequences)
+        evaluations += 1
+        report.evaluations = evaluations
+        shares = self._token_shares(sequences)
+        for s, before, after, goal in zip(sequences, forget_before, forget_after, targets, strict=True):
+            distinct = np.unique(np.asarray(s, dtype=np.int64))
+            report.examples.append({"loss_before": float(before), "loss_after": float(after), "target": float(goal),
+                                    "tokens": len(distinct), "owned_tokens": int((shares[distinct] >= 0.5).sum())})
         if self._reached(f, target) and (not retain or r <= limit):
             report.status = "forgotten"
         elif not cfg.calibrate:  # a fixed step is applied as is: say where it landed, guard included
@@ -506,7 +541,8 @@ class Unlearner:
         else:
             report.message = (f"target loss {target:.4f} not reached within the retain guard "
                               f"(+{100 * cfg.retain_tolerance:.1f}%): stopped at forget loss {f:.4f}, the best "
-                              f"admissible point" + ("; try mode='iterative'" if mode == "first_epoch" else ""))
+                              f"admissible point" + ("; try mode='iterative'" if mode == "first_epoch" else "")
+                              + _shortfall(report))
 
     def _reached(self, forget_loss: float, target: float) -> bool:
         return forget_loss >= target * (1 - self.config.target_tolerance)
@@ -550,8 +586,10 @@ class Unlearner:
 
     def _iterate(self, sequences: list[list[int]], repair: list[list[int]], retain: _GuardSample,
                  holdout: torch.Tensor, limit: float, ownership: torch.Tensor,
-                 params: list[tuple[str, torch.nn.Parameter]]) -> tuple[float, float, int, int]:
+                 params: list[tuple[str, torch.nn.Parameter]]) -> tuple[float, float, int, int, torch.Tensor]:
         """Fresh-gradient steps until the forgotten examples' losses match the holdout's.
+
+        Returns (forget mean loss, guard loss, iterations, loss evaluations, per-example targets float64 [n]).
 
         Each step: the gradient through the embedding lookup, on the current model, of sum_i w_i L_i with
         w_i = t_i - L_i (every example pulled toward its own target t_i: up if below, down if above), rows
@@ -623,7 +661,7 @@ class Unlearner:
             else:
                 r = self._guard_loss(retain)
                 break  # no admissible step left: this is the best admissible point
-        return float(losses.mean()), r, iterations, evaluations
+        return float(losses.mean()), r, iterations, evaluations, targets
 
     def _repair(self, batch: list[list[int]], shared: torch.Tensor, size: float) -> None:
         """Descend the batch's loss on the rows the forgotten examples do not own, by half the ascent's size.
@@ -836,3 +874,21 @@ def _sequences_by_id(batch: Any, ids: list[Any]) -> list[list[int]]:
     for key, meta in zip(batch.ids, batch.meta, strict=True):
         by_id.setdefault(key, meta.get("tokens", []))
     return [list(by_id[i]) for i in ids]
+
+
+def _shortfall(report: ForgetReport) -> str:
+    """The examples that stayed below their targets, by position in the request and with the rows they own.
+
+    Positions, not IDs: the message is persisted with the report, whose copies keep only salted ID hashes.
+    """
+    below = report.below_target()
+    if not below:
+        return ""
+    shown = below[:3]
+    which = ", ".join(f"#{i + 1} (loss {report.examples[i]['loss_after']:.2f} of {report.examples[i]['target']:.2f}, "
+                      f"owns {report.examples[i]['owned_tokens']} of its {report.examples[i]['tokens']} tokens)"
+                      for i in shown)
+    more = f" and {len(below) - len(shown)} more" if len(below) > len(shown) else ""
+    return (f"; {len(below)} of {len(report.examples)} examples stay below their own target: {which}{more}. An "
+            "example owns a token when at least half of the token's stored examples are being forgotten; the "
+            "rows of the tokens it shares are what the retain guard holds back")

@@ -249,6 +249,18 @@ def test_sampled_exposure_estimate(model, memorised, tok):
     assert 7.0 < estimate <= math.log2(1000)
 
 
+def test_a_canary_beyond_the_context_is_scored_on_the_last_positions_before_it(model, tok):
+    # The model's context is 64 positions; this prefix alone is 80 characters (tokens). Exposure and extraction
+    # score what the model can condition on: the prefix cut from the left to leave room for the secret.
+    tail = "pin of alice: "
+    long = Canary("x" * (80 - len(tail)) + tail, "482")
+    cut = Canary(long.prefix[-(64 - 3) :], "482")
+    assert ev.canary_exposure(model, tok, long) == pytest.approx(ev.canary_exposure(model, tok, cut))
+    assert ev.extractions(model, tok, [long, cut]).tolist() == [ev.extraction(model, tok, cut)] * 2
+    with pytest.raises(ValueError, match="does not fit the model's context of 64"):
+        ev.canary_exposure(model, tok, Canary("pin: ", "1" * 64, length=64), exact_max_length=0, num_samples=4)
+
+
 def test_canary_tokenisation_is_checked(model, tok):
     with pytest.raises(ValueError, match="alphabet"):
         ev.canary_exposure(model, tok, Canary("pin: ", "48a"))

@@ -15,7 +15,14 @@ from gradstore_unlearn.evaluate import sequence_losses, token_logprobs
 from gradstore_unlearn.fuzzy import MinHashIndex, ShingleIndex
 from gradstore_unlearn.gradients import embedding_hvp, inverse_hvp
 from gradstore_unlearn.train import TrainConfig, train_model
-from gradstore_unlearn.unlearn import ForgetConfig, ForgetError, Unlearner, model_hash, save_reference_set
+from gradstore_unlearn.unlearn import (
+    ForgetConfig,
+    ForgetError,
+    ForgetReport,
+    Unlearner,
+    model_hash,
+    save_reference_set,
+)
 
 SECRET = slice(9, 13)  # positions of the four secret tokens in a record
 # The retain loss of these tiny records is ~0.25 nats: a 2% guard is 0.005 nats, finer than the noise of a
@@ -108,6 +115,24 @@ def test_first_epoch_mode_stops_at_the_best_admissible_point_when_the_target_is_
     assert report.forget_loss_after > float(before[0])  # it did move toward the target...
     if report.status == "target_not_met":
         assert "r0" in world.store and "not reached" in report.message  # ...and erased nothing
+
+
+def test_a_request_that_stops_short_says_which_examples_and_how_many_rows_they_own(world):
+    # A guard too tight for any real step: the request must stop short, and the report must say where each
+    # example ended -- by position, since the message is kept with ID-free copies of the report.
+    unlearner = Unlearner(world.model, world.store, config=ForgetConfig(retain_tolerance=1e-6))
+    report = unlearner.forget(["r0", "r1"], mode="first_epoch")
+    assert report.status == "target_not_met"
+    assert len(report.examples) == 2
+    for entry, key in zip(report.examples, ["r0", "r1"], strict=True):
+        assert entry["tokens"] == len(set(world.train[key]))
+        assert 0 <= entry["owned_tokens"] <= entry["tokens"]
+        assert entry["loss_after"] < entry["target"] == pytest.approx(report.target_loss)
+    assert sum(e["loss_after"] for e in report.examples) / 2 == pytest.approx(report.forget_loss_after, rel=1e-6)
+    assert report.below_target()[0] in (0, 1) and "2 of 2 examples stay below their own target: #" in report.message
+    assert "r0" not in report.message and "r1" not in report.message
+    assert "examples below their target" in report.to_table()
+    assert ForgetReport.from_dict(report.to_dict()).examples == report.examples
 
 
 def test_an_over_large_initial_scale_is_pulled_back_by_calibration(world):

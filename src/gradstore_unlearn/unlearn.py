@@ -885,10 +885,10 @@ def _shortfall(report: ForgetReport) -> str:
     if not below:
         return ""
     shown = below[:3]
-    which = ", ".join(f"#{i + 1} (loss {report.examples[i]['loss_after']:.2f} of {report.examples[i]['target']:.2f}, "
-                      f"owns {report.examples[i]['owned_tokens']} of its {report.examples[i]['tokens']} tokens)"
+    which = ", ".join(f"#{i + 1} (loss {report.examples[i]['loss_after']:.2f} of {report.examples[i]['target']:.2f}; "
+                      f"owns {report.examples[i]['owned_tokens']} of its {report.examples[i]['tokens']} distinct tokens)"
                       for i in shown)
     more = f" and {len(below) - len(shown)} more" if len(below) > len(shown) else ""
-    return (f"; {len(below)} of {len(report.examples)} examples stay below their own target: {which}{more}. An "
-            "example owns a token when at least half of the token's stored examples are being forgotten; the "
-            "rows of the tokens it shares are what the retain guard holds back")
+    return (f"; {len(below)} of {len(report.examples)} examples stay below their own target: {which}{more} (an "
+            "example owns a token when at least half of the token's stored examples are being forgotten; under "
+            "ownership weighting the rows of the tokens it shares move little)")

@@ -193,6 +193,16 @@ class JobError(_Out):
     message: str
 
 
+class ForgetExample(_Out):
+    """Where one example of a forget request ended (by position in the request: results carry no IDs)."""
+
+    loss_before: float
+    loss_after: float
+    target: float = Field(description="its own target loss (iterative mode), else the request's mean target")
+    tokens: int = Field(description="distinct tokens in the example")
+    owned_tokens: int = Field(description="tokens at least half of whose stored examples the request forgets")
+
+
 class ForgetResult(_Out):
     status: Literal["forgotten", "target_not_met", "dry_run", "nothing_to_do"]
     n_ids: int = Field(description="live IDs the request acted on (forgotten if status is 'forgotten')")
@@ -211,6 +221,8 @@ class ForgetResult(_Out):
     erasure_receipt: str | None = None
     seconds: float | None = None
     message: str | None = None
+    examples: list[ForgetExample] | None = Field(
+        default=None, description="one entry per example the request acted on, in request order")
 
 
 class Job(_Out):

@@ -234,6 +234,8 @@ def test_repeated_request_id_returns_the_original_job(client):
 def test_forget_already_erased(client):
     done = wait_job(client, forget(client, {"ids": [13, 14], "mode": "iterative"})["job_id"])
     assert done["result"]["status"] == "forgotten"
+    examples = done["result"]["examples"]  # per example, in request order, without IDs
+    assert len(examples) == 2 and all(e["loss_after"] > e["loss_before"] and e["tokens"] > 0 for e in examples)
     body = assert_error(client.post("/v1/forget", json={"ids": [14, 13]}), 409, "already_erased")
     assert body["ids"] == [14, 13]
     # A mix forgets the live ones and counts the rest.

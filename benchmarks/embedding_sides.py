@@ -1,6 +1,6 @@
 """Where forgetting acts, and where it does damage, through a tied embedding.
 
-    python benchmarks/embedding_sides.py          # ~4 minutes on 2 cores
+    python benchmarks/embedding_sides.py          # ~3 minutes on 2 cores
 
 GPT-2 ties its input embedding to its output layer: moving a token's row changes both what the model reads when the
 token appears (the input side) and the token's logit in every context (the output side). The engine moves the rows
@@ -8,7 +8,7 @@ with gradients taken through the lookup, i.e. for the input side only. This benc
 
 It trains the demo's model with capture (size tiny, exactly as `gradstore demo`), then runs a forget request (iterative
 mode, the default configuration and 2% guard) from that same trained model for several forget sets: the demo's by-ID
-set and a few random sets of as many forget-candidate records. After each request it evaluates every group — the
+set and a few random sets of as many other forget-candidate records (none of the demo's). After each request it evaluates every group — the
 forgotten records, the retain-split records, the trained docstrings — three times: with the new matrix on both sides
 (the model as it is), on the input side only (the output layer kept at the old matrix), and on the output side only.
 
@@ -78,7 +78,8 @@ def main(argv=None) -> None:
     demo = prepare_data(spec, args.seed)
     encode = demo.encode
     demo_set = demo.forget_docs[:-1]  # the demo forgets these by ID (the last one by text)
-    candidates = [d for d in demo.train_docs if d.kind == "record" and d.split == "forget"]
+    demo_ids = {d.id for d in demo.forget_docs}
+    candidates = [d for d in demo.train_docs if d.kind == "record" and d.split == "forget" and d.id not in demo_ids]
     random.Random(args.seed + 1).shuffle(candidates)
     size = len(demo_set)
     forget_sets = {"demo by-ID set": demo_set}

@@ -194,11 +194,11 @@ class JobError(_Out):
 
 
 class ForgetExample(_Out):
-    """Where one example of a forget request ended (by position in the request: results carry no IDs)."""
+    """Where one example of a forget request ended (in the order of the live IDs it acted on: results carry no IDs)."""
 
     loss_before: float
     loss_after: float
-    target: float = Field(description="its own target loss (iterative mode), else the request's mean target")
+    target: float = Field(description="its own target loss when fresh iterative steps ran, else the mean target")
     tokens: int = Field(description="distinct tokens in the example")
     owned_tokens: int = Field(description="tokens at least half of whose stored examples the request forgets")
 
@@ -222,7 +222,7 @@ class ForgetResult(_Out):
     seconds: float | None = None
     message: str | None = None
     examples: list[ForgetExample] | None = Field(
-        default=None, description="one entry per example the request acted on, in request order")
+        default=None, description="one entry per live example the request acted on, in request order")
 
 
 class Job(_Out):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +39,8 @@ import numpy as np
 import scipy.stats
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("gradstore_unlearn")
 
 __all__ = [
     "Canary",
@@ -410,15 +413,20 @@ def _context_length(model: torch.nn.Module) -> int | None:
 def _fit_prefix(model: torch.nn.Module, prefix_ids: list[int], length: int) -> list[int]:
     """The prefix, cut from the left so that prefix + a ``length``-token secret fits the model's context.
 
-    A canary planted late in a long record sits beyond the context of a short-context model; the model can
-    only ever condition on the last positions before the secret, so that is what exposure scores.
+    A canary planted late in a long record lies beyond the context of a short-context model, which can only
+    condition on the positions just before the secret: that is what gets scored, with a warning. Whether the
+    model ever saw the secret depends on how its training cut long records (`data.encode_documents` keeps
+    their beginning, so there it did not).
     """
     limit = _context_length(model)
     if limit is None or len(prefix_ids) + length <= limit:
         return prefix_ids
     if limit <= length:
         raise ValueError(f"a {length}-character secret does not fit the model's context of {limit} positions")
-    return prefix_ids[len(prefix_ids) + length - limit :]
+    cut = len(prefix_ids) + length - limit
+    log.warning("canary prefix + secret is %d tokens, the model's context %d: scored on the last %d prefix "
+                "tokens", len(prefix_ids) + length, limit, len(prefix_ids) - cut)
+    return prefix_ids[cut:]
 
 
 def _alphabet_logprobs(
@@ -556,6 +564,7 @@ def canary_logprob(
             raise ValueError(f"{secret!r} is not in the canary's candidate space")
         secret_idx = [canary.alphabet.index(c) for c in secret]
     target = [digit_ids[j] for j in secret_idx]
+    prefix_ids = _fit_prefix(model, prefix_ids, len(target))
     dev = _model_device(model, device)
     n_prefix, length = len(prefix_ids), len(target)
     with _inference(model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -14,13 +15,16 @@ from gradstore_unlearn import data, demo
 @pytest.fixture
 def micro(monkeypatch):
     # The demo's own code path at a size that trains in seconds: the numbers mean nothing, the plumbing does.
-    spec = demo.DemoSize(data.CorpusSize(12, 40, 200, 400, 64), "tiny", 2, 5e-3, 8, 2)
+    # (max_tokens 192 as in "tiny": every record fits, its canary included.)
+    spec = demo.DemoSize(data.CorpusSize(12, 40, 200, 400, 192), "tiny", 2, 5e-3, 8, 2)
     monkeypatch.setitem(demo.DEMO_SIZES, "micro", spec)
     return "micro"
 
 
-def test_the_demo_runs_end_to_end_and_reports_what_it_measured(micro, tmp_path, capsys):
-    report = demo.run_demo(tmp_path / "out", micro, device="cpu", progress=False)
+def test_the_demo_runs_end_to_end_and_reports_what_it_measured(micro, tmp_path, capsys, caplog):
+    with caplog.at_level(logging.WARNING, logger="gradstore_unlearn"):
+        report = demo.run_demo(tmp_path / "out", micro, device="cpu", progress=False)
+    assert "canary prefix" not in caplog.text  # every canary is scored on its whole prefix
     out = tmp_path / "out"
     assert json.loads((out / "report.json").read_text())["checks"] == report["checks"]
     assert (out / "model" / "model.safetensors").exists()
@@ -60,3 +64,5 @@ def test_the_retain_check_reads_the_perplexity_change_both_ways():
     assert retain["value"] == "+3.00%" and retain["passed"] is False
     checks = demo._checks(_evaluation(0.5, 10.0), _evaluation(0.5, 9.9), ks_pvalue=0.5)
     assert next(c for c in checks if c["check"].startswith("retain"))["passed"] is True
+    checks = demo._checks(_evaluation(0.5, 10.0), _evaluation(0.5, 9.7), ks_pvalue=0.5)
+    assert next(c for c in checks if c["check"].startswith("retain"))["passed"] is False

@@ -257,6 +257,12 @@ def test_a_canary_beyond_the_context_is_scored_on_the_last_positions_before_it(m
     cut = Canary(long.prefix[-(64 - 3) :], "482")
     assert ev.canary_exposure(model, tok, long) == pytest.approx(ev.canary_exposure(model, tok, cut))
     assert ev.extractions(model, tok, [long, cut]).tolist() == [ev.extraction(model, tok, cut)] * 2
+    assert ev.canary_logprob(model, tok, long) == pytest.approx(ev.canary_logprob(model, tok, cut))
+    # The cut is exact: prefix + secret fill the context, and a prefix that fits is left alone.
+    ids = list(range(1, 81))
+    assert ev._fit_prefix(model, ids, 3) == ids[-61:]
+    assert ev._fit_prefix(model, ids[:61], 3) == ids[:61]
+    assert ev._fit_prefix(model, ids[:62], 3) == ids[1:62]
     with pytest.raises(ValueError, match="does not fit the model's context of 64"):
         ev.canary_exposure(model, tok, Canary("pin: ", "1" * 64, length=64), exact_max_length=0, num_samples=4)
 

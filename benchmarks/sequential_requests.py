@@ -4,8 +4,7 @@
 
 Erasure requests arrive one data subject at a time. This trains the demo's model with capture (size tiny, exactly as
 `gradstore demo`), then forgets the demo's five forget records one request each, by ID, iterative mode, default
-configuration (2% guard per request; `--retain-reference baseline`: one 2% budget for all five, measured from the
-trained model), every request acting on the model the previous one left. After each request
+configuration (2% guard per request), every request acting on the model the previous one left. After each request
 it reports the request's outcome and the state of the model against the trained one: the retain-split records' and
 the trained docstrings' perplexity change (cumulative), and the forgotten-so-far records' losses against never-seen
 ones (KS p-value, membership-inference AUC).
@@ -33,17 +32,9 @@ from gradstore_unlearn.unlearn import ForgetConfig, Unlearner
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--retain-reference", choices=["request", "baseline"], default="request",
-                   help="ForgetConfig.retain_reference: each request's guard from its own start, or one budget "
-                        "from the trained model")
-    p.add_argument("--out", type=Path, default=None,
-                   help="default: benchmarks/results/sequential_requests_cpu.json (_baseline_cpu.json with "
-                        "--retain-reference baseline)")
-    args = p.parse_args(argv)
-    if args.out is None:
-        suffix = "" if args.retain_reference == "request" else "_baseline"
-        args.out = Path(__file__).resolve().parent / "results" / f"sequential_requests{suffix}_cpu.json"
-    return args
+    p.add_argument("--out", type=Path,
+                   default=Path(__file__).resolve().parent / "results" / "sequential_requests_cpu.json")
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
@@ -62,8 +53,7 @@ def main(argv=None) -> None:
         trained = train_demo_model(spec, demo, work / "store", seed=args.seed, device="cpu", progress=False)
         model, store = trained.model, trained.store
         retain_ppl, docstrings_ppl = perplexity(model, retain), perplexity(model, docstrings)
-        unlearner = Unlearner(model, store, tokenizer=demo.tokenizer,
-                              config=ForgetConfig(retain_reference=args.retain_reference))
+        unlearner = Unlearner(model, store, tokenizer=demo.tokenizer, config=ForgetConfig())
         forgotten, rows = [], []
         for n, doc in enumerate(demo.forget_docs, start=1):
             report = unlearner.forget([doc.id], mode="iterative", request_id=f"request-{n}")
@@ -77,7 +67,7 @@ def main(argv=None) -> None:
                 "request": n, "status": report.status, "forget_loss_before": report.forget_loss_before,
                 "forget_loss_after": report.forget_loss_after, "target_loss": report.target_loss,
                 "guard_change_pct": round(100 * (report.retain_change or 0), 2),
-                "seconds": round(report.seconds, 1), "message": report.message,
+                "seconds": round(report.seconds, 1),
                 "retain_ppl_change_pct": round(100 * (perplexity(model, retain) / retain_ppl - 1), 2),
                 "docstrings_ppl_change_pct": round(100 * (perplexity(model, docstrings) / docstrings_ppl - 1), 2),
                 "asked_so_far": n, "committed_so_far": len(forgotten),
@@ -97,8 +87,7 @@ def main(argv=None) -> None:
         "benchmark": "sequential_requests", "machine": "2-core CPU", "python": platform.python_version(),
         "torch": torch.__version__,
         "setup": f"the demo (size tiny, seed {args.seed}): its five forget records, one iterative request each, by ID, "
-                 f"default configuration but retain_reference={args.retain_reference!r} (2% guard), in sequence on "
-                 "the same model",
+                 "default configuration (2% guard per request), in sequence on the same model",
         "requests": rows, "seconds": round(time.perf_counter() - started, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

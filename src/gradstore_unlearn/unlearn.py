@@ -9,10 +9,9 @@
 3. calibration of s by bracketing and bisection until the forgotten examples' mean loss reaches the target —
    the mean loss of holdout examples the model never saw — while a retain guard holds (the mean loss of every
    retained example, estimated from a sample stratified by how much the example shares with the forgotten ones,
-   may rise by at most `retain_tolerance`, 2%, from the model the request starts from -- or, with
-   `retain_reference="baseline"`, from one stored baseline, so that many requests share one budget). It stops
-   *at* the target: over-unlearning leaks membership as surely as under-unlearning. If the guard forbids the
-   target, the model is left at the best admissible point and the report says so;
+   may rise by at most `retain_tolerance`, 2%). It stops *at* the target: over-unlearning
+   leaks membership as surely as under-unlearning. If the guard forbids the target, the model is left at the
+   best admissible point and the report says so;
 4. in `iterative` mode, further calibrated steps with fresh gradients of the forgotten examples on the current
    model, each example pulled toward its own target (ranks matched to the holdout loss distribution, so that
    forgotten and never-seen examples become indistinguishable, not merely equal on average);
@@ -70,9 +69,6 @@ LAYERS = ("embedding", "last2", "all")
 REQUESTS = "requests"  # requests/<request id>.json: the report of each completed request (idempotency)
 FORGET_JOURNAL = "forget-journal"  # forget-journal/<request id>.json: a request between model save and erase
 REFERENCE_KEY = "reference/holdout.json"
-# retain_reference="baseline": each retained example's loss at the baseline, keyed by a salted hash of its tokens.
-# Losses rather than the baseline's weights: those would keep a copy of what forgetting removes.
-BASELINE_KEY = "baseline/losses.json"
 
 
 @dataclass
@@ -116,10 +112,6 @@ class ForgetConfig:
     confidence_power: float = 0.0  # > 0: fresh ascent weighs each token by p^γ (see gradients.own_mean_losses)
     retain_sample: int = 64
     repair: bool = False  # True: after each fresh step, descend retained examples' loss on rows not owned
-    # What the guard's tolerance is measured from: "request" -- the model each request starts from (the damage of
-    # one request is bounded, that of many adds up); "baseline" -- the model at `Unlearner.set_baseline()` (by
-    # default the model the first such request sees), so the total over all requests since is bounded.
-    retain_reference: str = "request"
     seed: int = 0
     batch_size: int = 32
 
@@ -130,8 +122,6 @@ class ForgetConfig:
             raise InvalidInputError(f"match must be 'quantiles' or 'mean', got {self.match!r}")
         if self.layers not in LAYERS:
             raise InvalidInputError(f"layers must be one of {LAYERS}, got {self.layers!r}")
-        if self.retain_reference not in ("request", "baseline"):
-            raise InvalidInputError(f"retain_reference must be 'request' or 'baseline', got {self.retain_reference!r}")
         if self.stored_epochs not in ("first", "all"):
             raise InvalidInputError(f"stored_epochs must be 'first' or 'all', got {self.stored_epochs!r}")
         if not 0 < self.retain_tolerance < 10 or not 0 < self.target_tolerance < 1:
@@ -152,7 +142,6 @@ class ForgetReport:
     forget_loss_after: float | None = None
     retain_loss_before: float | None = None
     retain_loss_after: float | None = None
-    retain_loss_baseline: float | None = None  # the guard sample's loss at the baseline (retain_reference="baseline")
     scale: float | None = None
     iterations: int = 0
     evaluations: int = 0
@@ -313,7 +302,15 @@ class Unlearner:
         """
         size = self.config.retain_sample
         rng = random.Random(self.config.seed)
-        pool = self._retained_pool(exclude)
+        if self._retain is not None:
+            pool = list(self._retain)
+        else:
+            # Sorted: the store's commit order depends on which capture thread wrote which batch, and the
+            # guard sample must not (the same request on the same model and data must decide the same way).
+            ids = sorted((i for i in self.store.ids() if i not in exclude and not self._is_epoch_copy(i)),
+                         key=lambda i: (isinstance(i, str), i))
+            pool = self.store.get_sequences(ids) if ids else []
+        pool = [s for s in pool if len(s) >= 2]
         if len(pool) < 2:
             return pool, _GuardSample(pool, torch.full((len(pool),), 1.0 / max(len(pool), 1), dtype=torch.float64))
         own = ownership.cpu().numpy()
@@ -336,19 +333,6 @@ class Unlearner:
         weights = [size / total / len(sample) for sample, size in strata for _ in sample]
         guard = _GuardSample([pool[j] for j in guard_risk + guard_rest], torch.tensor(weights, dtype=torch.float64))
         return [pool[j] for j in repair], guard
-
-    def _retained_pool(self, exclude: set[Any]) -> list[list[int]]:
-        """Token sequences of the retained examples the guard samples from: the caller's retain sequences if
-        given, else every stored example but `exclude` (and later-epoch copies)."""
-        if self._retain is not None:
-            pool = list(self._retain)
-        else:
-            # Sorted: the store's commit order depends on which capture thread wrote which batch, and the
-            # guard sample must not (the same request on the same model and data must decide the same way).
-            ids = sorted((i for i in self.store.ids() if i not in exclude and not self._is_epoch_copy(i)),
-                         key=lambda i: (isinstance(i, str), i))
-            pool = self.store.get_sequences(ids) if ids else []
-        return [s for s in pool if len(s) >= 2]
 
     def _guard_loss(self, guard: _GuardSample) -> float:
         """The guard's estimate of the mean loss over every retained example (0.0 without a guard)."""
@@ -488,22 +472,9 @@ class Unlearner:
         report.target_loss, report.forget_loss_before, report.retain_loss_before = (
             target, float(forget_before.mean()), retain_before)
         # The guard bounds both the retain loss (by the fraction) and the retain perplexity (by the same
-        # fraction): whichever is stricter. For losses above 1 nat that is the perplexity. The fraction is of the
-        # loss at the reference: the model this request starts from, or the baseline (then the requests since
-        # share one budget, and what earlier ones spent is gone).
-        reference = retain_before
-        if cfg.retain_reference == "baseline" and retain:
-            reference = report.retain_loss_baseline = self._baseline_guard_loss(retain)
-        limit = reference + (min(cfg.retain_tolerance * reference, math.log1p(cfg.retain_tolerance))
-                             if cfg.guard == "perplexity" else cfg.retain_tolerance * reference)
-        if retain and retain_before > limit:
-            report.forget_loss_after, report.retain_loss_after, report.evaluations = (
-                report.forget_loss_before, retain_before, evaluations)
-            report.message = (f"the retain budget since the baseline is spent: the guard sample's loss is "
-                              f"{retain_before:.4f}, {100 * (retain_before / reference - 1):+.2f}% from the baseline's "
-                              f"{reference:.4f} (limit {limit:.4f}); nothing was changed. Retrain, or set a new "
-                              "baseline (Unlearner.set_baseline) to accept the drift so far")
-            return
+        # fraction): whichever is stricter. For losses above 1 nat that is the perplexity.
+        limit = retain_before + (min(cfg.retain_tolerance * retain_before, math.log1p(cfg.retain_tolerance))
+                                 if cfg.guard == "perplexity" else cfg.retain_tolerance * retain_before)
         # In iterative mode the stored step may spend only a quarter of the guard's budget: the fresh steps that
         # follow need room to work in (measured: a stored step that spends it all leaves them stuck).
         stored_limit = limit if mode == "first_epoch" else retain_before + (limit - retain_before) / 4
@@ -575,49 +546,6 @@ class Unlearner:
                               f"(+{100 * cfg.retain_tolerance:.1f}%): stopped at forget loss {f:.4f}, the best "
                               f"admissible point" + ("; try mode='iterative'" if mode == "first_epoch" else "")
                               + _shortfall(report))
-
-    # ----------------------------------------------------------------------------------------- baseline
-    def set_baseline(self) -> None:
-        """Make the model as it is now the reference of the guard for `retain_reference="baseline"`.
-
-        Measures every retained example (the pool the guard samples from) once and keeps each loss in the store
-        under a salted hash of the example's tokens; later requests, in this process or another, measure the
-        retained examples' drift from these losses. Forgetting an example drops its entry.
-        """
-        pool = self._retained_pool(set())
-        losses = self._losses(pool).tolist() if pool else []
-        doc = {"model_hash": model_hash(self.model), "time": time.time(),
-               "losses": {self._sequence_key(s): loss for s, loss in zip(pool, losses, strict=True)}}
-        self.store.objects.write(BASELINE_KEY, json.dumps(doc).encode())
-
-    def _sequence_key(self, tokens: Sequence[int]) -> str:
-        digest = hashlib.sha256(np.asarray(tokens, dtype=np.int64).tobytes()).hexdigest()
-        return self.store.id_hash(f"tokens-{digest}")
-
-    def _baseline_guard_loss(self, guard: _GuardSample) -> float:
-        """The guard's estimate of the mean retained loss at the baseline (started now if there is none).
-
-        An example stored after the baseline has no baseline loss: its current loss stands in (no drift counted).
-        """
-        if not self.store.objects.exists(BASELINE_KEY):
-            self.set_baseline()  # the first request measured from a baseline starts it
-        known = json.loads(self.store.objects.read(BASELINE_KEY))["losses"]
-        keys = [self._sequence_key(s) for s in guard.sequences]
-        missing = [s for s, k in zip(guard.sequences, keys, strict=True) if k not in known]
-        current = iter(self._losses(missing).tolist() if missing else [])
-        losses = torch.tensor([known[k] if k in known else next(current) for k in keys], dtype=torch.float64)
-        return float((losses * guard.weights).sum())
-
-    def _forget_baseline(self, keys: list[Any]) -> None:
-        """Drop the baseline losses of examples about to be erased (crash-safe: repeated on recovery)."""
-        objects = self.store.objects
-        if not keys or not objects.exists(BASELINE_KEY):
-            return
-        doc = json.loads(objects.read(BASELINE_KEY))
-        gone = {self._sequence_key(s) for s in self.store.get_sequences(keys)}
-        if gone & doc["losses"].keys():
-            doc["losses"] = {k: v for k, v in doc["losses"].items() if k not in gone}
-            objects.write(BASELINE_KEY, json.dumps(doc).encode())
 
     def _reached(self, forget_loss: float, target: float) -> bool:
         return forget_loss >= target * (1 - self.config.target_tolerance)
@@ -804,7 +732,6 @@ class Unlearner:
             wanted = set(entry["keys"])
             keys = [i for i in self.store.ids() if self.store.id_hash(i) in wanted]
         if keys:
-            self._forget_baseline(keys)
             receipt = self.store.erase(keys)
             entry["report"]["erasure_receipt"] = receipt.receipt_id
             self._forget_frequencies(keys)

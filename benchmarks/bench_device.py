@@ -6,8 +6,11 @@ Imported by the scripts beside it (run as `python benchmarks/<script>.py`, so th
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import platform
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -27,3 +30,17 @@ def card_name(device: str) -> str:
 def device_slug(device: str) -> str:
     """The device part of a result file's name: "cpu", or the card's name in lower case, e.g. "nvidia-h200"."""
     return "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "-", card_name(device).lower()).strip("-")
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def save_cpu_result(out: Path, benchmark: str, setup: str, started: float, **payload: object) -> dict:
+    """Write a CPU benchmark's result JSON to `out` (with the machine, versions, setup and its wall time) and say so."""
+    result = {"benchmark": benchmark, "machine": f"{os.cpu_count()}-core CPU", "python": platform.python_version(),
+              "torch": torch.__version__, "setup": setup, **payload,
+              "seconds": round(time.perf_counter() - started, 1)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out.name} ({result['seconds']:.0f} s)")
+    return result

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
-import platform
 import random
 import shutil
 import tempfile
@@ -31,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_device import RESULTS, save_cpu_result
 
 from gradstore import GradStore
 from gradstore_unlearn.demo import DEMO_SIZES, prepare_data, train_demo_model
@@ -42,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--random-sets", type=int, default=3, help="random forget sets besides the demo's")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "embedding_sides_cpu.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "embedding_sides_cpu.json")
     return p.parse_args(argv)
 
 
@@ -131,16 +130,9 @@ def main(argv=None) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    result = {
-        "benchmark": "embedding_sides", "machine": "2-core CPU", "python": platform.python_version(),
-        "torch": torch.__version__,
-        "setup": f"the demo (size tiny, seed {args.seed}); iterative forget requests of {size} records each, "
-                 "default configuration (2% guard), each from the same trained model",
-        "requests": requests, "seconds": round(time.perf_counter() - started, 1),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out.name} ({result['seconds']:.0f} s)")
+    save_cpu_result(args.out, "embedding_sides", f"the demo (size tiny, seed {args.seed}); iterative forget requests "
+                    f"of {size} records each, default configuration (2% guard), each from the same trained model",
+                    started, requests=requests)
 
 
 if __name__ == "__main__":

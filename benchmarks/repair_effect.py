@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_device import RESULTS, save_cpu_result
 
 from gradstore import GradStore
 from gradstore_unlearn.demo import DEMO_SIZES, prepare_data, train_demo_model
@@ -35,7 +34,7 @@ from gradstore_unlearn.unlearn import ForgetConfig, Unlearner
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "repair_effect_cpu.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "repair_effect_cpu.json")
     return p.parse_args(argv)
 
 
@@ -100,16 +99,8 @@ def main(argv=None) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    result = {
-        "benchmark": "repair_effect", "machine": "2-core CPU", "python": platform.python_version(),
-        "torch": torch.__version__,
-        "setup": f"the demo (size tiny, seed {args.seed}): its by-ID request, iterative, 2% guard",
-        "forgotten_ids": sorted(gone), "variants": variants,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out.name} ({result['seconds']:.0f} s)")
+    save_cpu_result(args.out, "repair_effect", f"the demo (size tiny, seed {args.seed}): its by-ID request, iterative, "
+                    "2% guard", started, forgotten_ids=sorted(gone), variants=variants)
 
 
 if __name__ == "__main__":

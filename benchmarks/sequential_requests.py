@@ -15,14 +15,12 @@ Writes benchmarks/results/sequential_requests_cpu.json (or `--out`).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from bench_device import RESULTS, save_cpu_result
 
 from gradstore_unlearn.demo import DEMO_SIZES, prepare_data, train_demo_model
 from gradstore_unlearn.evaluate import ks_test, mia_auc, perplexity, sequence_losses
@@ -32,8 +30,7 @@ from gradstore_unlearn.unlearn import ForgetConfig, Unlearner
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path,
-                   default=Path(__file__).resolve().parent / "results" / "sequential_requests_cpu.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "sequential_requests_cpu.json")
     return p.parse_args(argv)
 
 
@@ -83,16 +80,9 @@ def main(argv=None) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    result = {
-        "benchmark": "sequential_requests", "machine": "2-core CPU", "python": platform.python_version(),
-        "torch": torch.__version__,
-        "setup": f"the demo (size tiny, seed {args.seed}): its five forget records, one iterative request each, by ID, "
-                 "default configuration (2% guard per request), in sequence on the same model",
-        "requests": rows, "seconds": round(time.perf_counter() - started, 1),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out.name} ({result['seconds']:.0f} s)")
+    save_cpu_result(args.out, "sequential_requests", f"the demo (size tiny, seed {args.seed}): its five forget "
+                    "records, one iterative request each, by ID, default configuration (2% guard per request), in "
+                    "sequence on the same model", started, requests=rows)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import torch
 from gradstore import ErasedError, GradStore, InvalidInputError, UnknownIdError
 from gradstore._encoding import MAX_INT_ID, normalize_id
 from gradstore_kernels import topk_influence
+from gradstore_unlearn.evaluate import context_length
 from gradstore_unlearn.gradients import sparse_rows
 from gradstore_unlearn.train import load_model
 from gradstore_unlearn.unlearn import ForgetConfig, ForgetReport, Unlearner, model_hash
@@ -163,7 +164,7 @@ class Engine:
             store = self.store.stats().to_dict()
             model = {"hash": snap.model_hash, "version": snap.version, "device": self.settings.device,
                      "vocab_size": int(snap.model.get_input_embeddings().weight.shape[0]),
-                     "max_positions": _max_positions(snap.model), "tokenizer": self.tokenizer is not None}
+                     "max_positions": context_length(snap.model), "tokenizer": self.tokenizer is not None}
         return {"store": json_safe(store), "model": model}
 
     def resolve_path_id(self, raw: str, id_type: str = "auto") -> Any:
@@ -228,7 +229,7 @@ class Engine:
         """A query text's tokens, checked to fit the model (positions, vocabulary)."""
         self._need_tokenizer()
         tokens = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        limit = _max_positions(model)
+        limit = context_length(model)
         if limit is not None and len(tokens) > limit:
             raise ApiError(422, "text_too_long", f"the text is {len(tokens)} tokens; the model takes at most {limit}")
         vocab = int(model.get_input_embeddings().weight.shape[0])
@@ -310,12 +311,3 @@ def _canonical_int(raw: str) -> int | None:
         return None
     value = int(raw)
     return value if value <= MAX_INT_ID else None
-
-
-def _max_positions(model: torch.nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None

@@ -50,6 +50,7 @@ __all__ = [
     "canary_exposure",
     "canary_logprob",
     "compare",
+    "context_length",
     "evaluate_model",
     "exposures",
     "extraction",
@@ -400,7 +401,7 @@ def _canary_ids(tokenizer: Any, canary: Canary) -> tuple[list[int], list[int], l
     return prefix_ids, digit_ids, secret_idx
 
 
-def _context_length(model: torch.nn.Module) -> int | None:
+def context_length(model: torch.nn.Module) -> int | None:
     """The most positions the model can attend over (GPT-2: ``n_positions``), or None if it does not say."""
     config = getattr(model, "config", None)
     for name in ("n_positions", "max_position_embeddings"):
@@ -418,7 +419,7 @@ def _fit_prefix(model: torch.nn.Module, prefix_ids: list[int], length: int) -> l
     model ever saw the secret depends on how its training cut long records (`data.encode_documents` keeps
     their beginning, so there it did not).
     """
-    limit = _context_length(model)
+    limit = context_length(model)
     if limit is None or len(prefix_ids) + length <= limit:
         return prefix_ids
     if limit <= length:

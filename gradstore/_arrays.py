@@ -132,13 +132,20 @@ def _verify_crc(data: bytes, where: str) -> bytes:
 
 
 class ChunkedArrayReader:
-    """Reads rows [lo, hi) of one array. Thread-safe; shard indexes are cached (bounded LRU)."""
+    """Reads rows [lo, hi) of one array. Thread-safe; shard indexes are cached (bounded LRU).
+
+    Zarr reads a missing chunk or shard object as the fill value (writers may skip ones that hold nothing
+    else). `complete=True` says every object was written (`write_array` writes them all, as a store's segments
+    do): a missing one then raises `FileNotFoundError` — the segment was retired while it was being read, or
+    its data is lost — instead of reading as zeros.
+    """
 
     _INDEX_CACHE_SHARDS = 1024
 
-    def __init__(self, objects: ObjectStore, path: str, metadata: dict | None = None):
+    def __init__(self, objects: ObjectStore, path: str, metadata: dict | None = None, *, complete: bool = False):
         self.objects = objects
         self.path = path
+        self.complete = complete
         if metadata is None:
             metadata = json.loads(objects.read(f"{path}/zarr.json"))
         self.layout = parse_layout(metadata, path)
@@ -167,6 +174,8 @@ class ChunkedArrayReader:
         try:
             raw = self.objects.read_range(self._key(shard), -nbytes if L.index_at_end else 0, nbytes)
         except FileNotFoundError:
+            if self.complete:
+                raise FileNotFoundError(f"{self.path}: shard {shard} is missing") from None
             index = None
         else:
             if L.index_checksum:
@@ -232,8 +241,8 @@ class ChunkedArrayReader:
         try:
             data = self.objects.read(key) if length < 0 else self.objects.read_range(key, start, length)
         except FileNotFoundError:
-            if self.layout.sharded:
-                raise FormatError(f"{self.path}: shard {key} disappeared while reading") from None
+            if self.layout.sharded or self.complete:  # a shard whose index was read, or a written object
+                raise FileNotFoundError(f"{self.path}: {key} disappeared while reading") from None
             return [(members[0][0], self._fill_chunk(members[0][0]))]
         view = memoryview(data)
         out = []

@@ -26,7 +26,11 @@ from .errors import InvalidInputError
 
 MAX_ID_BYTES = 256
 MAX_INT_ID = 2**63 - 1
+MAX_TOKEN_ID = 2**31 - 1  # token ids are stored as int32
 INT8_LEVELS = 127
+
+_NUMPY_FLOATS = (np.float16, np.float32, np.float64)  # the numpy float types torch.from_numpy accepts
+_SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
 
 ExampleId = int | str
 
@@ -41,7 +45,12 @@ def normalize_id(value: Any) -> ExampleId:
             raise InvalidInputError(f"integer ID {value} is out of range [0, 2**63 - 1]")
         return value
     if isinstance(value, str):
-        size = len(value.encode("utf-8", errors="strict"))
+        try:
+            size = len(value.encode("utf-8", errors="strict"))
+        except UnicodeEncodeError as err:  # a lone surrogate ("\ud800"): no UTF-8 form to store or hash
+            raise InvalidInputError(
+                f"string ID {value[:40]!r} is not valid Unicode: {err.reason} at position {err.start}"
+            ) from None
         if size == 0:
             raise InvalidInputError("ID '' is empty; string IDs need 1 to 256 UTF-8 bytes")
         if size > MAX_ID_BYTES:
@@ -97,10 +106,20 @@ def encode_rows(rows: Any, dim: int, dtype: str, where: str) -> EncodedRows:
     if isinstance(rows, np.ndarray):
         if not np.issubdtype(rows.dtype, np.floating):
             raise InvalidInputError(f"{where}: rows must be floating point, got dtype {rows.dtype}")
-        tensor = torch.from_numpy(np.ascontiguousarray(rows))
+        native = rows.dtype.newbyteorder("=")  # big-endian input ('>f4') is converted: torch takes native only
+        if native.type not in _NUMPY_FLOATS:  # longdouble (float96/float128): torch has no such dtype
+            raise InvalidInputError(
+                f"{where}: rows dtype {rows.dtype} is not supported; use float16, float32 or float64"
+            )
+        tensor = torch.from_numpy(np.ascontiguousarray(rows, dtype=native))
     elif isinstance(rows, torch.Tensor):
         if not rows.is_floating_point():
             raise InvalidInputError(f"{where}: rows must be floating point, got dtype {rows.dtype}")
+        if rows.layout in _SPARSE_LAYOUTS:  # rows are stored dense anyway: densify rather than refuse
+            rows = rows.to_dense()
+        elif rows.layout != torch.strided or rows.is_meta:
+            kind = "a meta tensor" if rows.is_meta else f"layout {rows.layout}"
+            raise InvalidInputError(f"{where}: rows is {kind}; pass a dense (strided) tensor")
         tensor = rows.detach().cpu()
     else:
         raise InvalidInputError(f"{where}: rows must be a torch.Tensor or numpy array, got {type(rows).__name__}")
@@ -152,11 +171,11 @@ def decode_rows(values: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values))
 
 
-def encode_meta(meta: Any, where: str) -> tuple[bytes, np.ndarray | None]:
-    """One example's metadata -> (JSON bytes without the token sequence, the sequence as int32 or None).
+def encode_meta(meta: Any, where: str, vocab_size: int | None = None) -> tuple[bytes, np.ndarray | None]:
+    """One example's metadata -> (JSON bytes without the token sequence, the sequence as int32 [T] or None).
 
     The token sequence (key "tokens") is kept apart, as an int32 array, because evaluation reads it often and
-    JSON lists of ints are ~4x larger.
+    JSON lists of ints are ~4x larger. Its ids must lie in [0, vocab_size) (or fit int32 without a vocab).
     """
     if meta is None:
         return b"{}", None
@@ -169,6 +188,13 @@ def encode_meta(meta: Any, where: str) -> tuple[bytes, np.ndarray | None]:
         sequence = np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens)
         if sequence.ndim != 1 or (sequence.size and not np.issubdtype(sequence.dtype, np.integer)):
             raise InvalidInputError(f"{where}: meta['tokens'] must be a 1-D sequence of integers")
+        # Range-checked in the caller's dtype, before the cast: int64 / uint64 ids beyond int32 would wrap.
+        limit = MAX_TOKEN_ID + 1 if vocab_size is None else vocab_size
+        if sequence.size:
+            lo, hi = int(sequence.min()), int(sequence.max())
+            if lo < 0 or hi >= limit:
+                bad = lo if lo < 0 else hi
+                raise InvalidInputError(f"{where}: meta['tokens'] holds ids outside [0, {limit}): {bad}")
         sequence = sequence.astype(np.int32)
     try:
         text = json.dumps(meta, allow_nan=False, sort_keys=True, default=_json_default)

@@ -14,10 +14,14 @@ Layout of a store (see README, "Store format"):
 from __future__ import annotations
 
 import json
+import math
+import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 from .errors import FormatError, FormatVersionError, InvalidInputError, NotAStoreError
 
@@ -26,8 +30,13 @@ FORMAT_VERSION = 1
 METADATA_KEY = "gradstore.json"
 
 DTYPES = ("float32", "bfloat16", "int8")
+# How each logical dtype is kept in the `rows` arrays (bfloat16 as its bits: zarr has no bfloat16).
+STORED_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(np.uint16), "int8": np.dtype(np.int8)}
 CODECS = ("blosc-zstd", "zstd", "none")
 CAPTURE_POLICIES = ("first", "all", "off")
+# 16 random bytes, hex: the HMAC key of every tombstone and audit hash. It must never change (nor be redrawn
+# when missing): the hashes written before would stop matching, and erased IDs would read as never known.
+ID_SALT = re.compile(r"[0-9a-fA-F]{32}")
 
 # Measured with benchmarks/store_io.py (bf16 rows, D=768, heavy-tailed values): 64-row chunks inside
 # 8192-row shards gave the lowest latency for reading whole examples of ~50-500 rows at random — small chunks
@@ -49,10 +58,12 @@ class CodecConfig:
     def validate(self) -> None:
         if self.name not in CODECS:
             raise InvalidInputError(f"unknown codec {self.name!r}; choose one of {CODECS}")
-        if not 0 <= self.level <= 22:
-            raise InvalidInputError(f"codec level {self.level} out of range 0..22")
+        if not isinstance(self.level, int) or isinstance(self.level, bool) or not 0 <= self.level <= 22:
+            raise InvalidInputError(f"codec level must be an integer in 0..22, got {self.level!r}")
         if self.shuffle not in ("bitshuffle", "shuffle", "noshuffle"):
             raise InvalidInputError(f"unknown shuffle {self.shuffle!r}")
+        if not isinstance(self.checksum, bool):
+            raise InvalidInputError(f"codec checksum must be true or false, got {self.checksum!r}")
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,16 @@ class StoreConfig:
             raise InvalidInputError(f"shard_rows {self.shard_rows} must be a multiple of chunk_rows {self.chunk_rows}")
         if not isinstance(self.model_id, str):
             raise InvalidInputError(f"model_id must be a string, got {type(self.model_id).__name__}")
+        if not isinstance(self.id_salt, str) or not ID_SALT.fullmatch(self.id_salt):
+            raise InvalidInputError(f"id_salt must be 32 hex characters, got {self.id_salt!r}")
+        version = self.format_version
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise InvalidInputError(f"format_version must be an integer >= 1, got {version!r}")
+        created = self.created
+        if not isinstance(created, (int, float)) or isinstance(created, bool) or not math.isfinite(created):
+            raise InvalidInputError(f"created must be a time in seconds, got {created!r}")
+        if not isinstance(self.capture, dict):
+            raise InvalidInputError(f"capture must be an object, got {self.capture!r}")
         policy = self.capture.get("policy", "first")
         if policy not in CAPTURE_POLICIES:
             raise InvalidInputError(f"unknown capture policy {policy!r}; choose one of {CAPTURE_POLICIES}")
@@ -95,28 +116,38 @@ class StoreConfig:
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> StoreConfig:
+        """Parse and validate `gradstore.json`; `where` is the store's URI. Every problem is a `FormatError`
+        (`NotAStoreError` if it describes something else, `FormatVersionError` if it is newer) naming the field.
+        """
+        where = f"{where}/{METADATA_KEY}"
         try:
             doc = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise FormatError(f"{where}: gradstore.json is not valid JSON ({err})") from None
+            raise FormatError(f"{where}: not valid JSON ({err})") from None
         if not isinstance(doc, dict):
-            raise FormatError(f"{where}: gradstore.json is not a JSON object")
+            raise FormatError(f"{where}: not a JSON object")
         if doc.get("format") != FORMAT_NAME:
-            raise NotAStoreError(f"{where}: gradstore.json does not describe a gradstore "
-                                 f"(format={doc.get('format')!r})")
+            raise NotAStoreError(f"{where} does not describe a gradstore (format={doc.get('format')!r})")
         version = doc.get("format_version")
-        if not isinstance(version, int):
-            raise FormatError(f"{where}: gradstore.json has no integer format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise FormatError(f"{where}: format_version must be an integer >= 1, got {version!r}")
         if version > FORMAT_VERSION:
             raise FormatVersionError(
-                f"{where} uses store format version {version}, newer than this gradstore supports "
+                f"{where}: store format version {version}, newer than this gradstore supports "
                 f"({FORMAT_VERSION}); upgrade gradstore to open it"
             )
+        # Fields with a default in the dataclass are only defaults for *new* stores. Of these, the salt must
+        # come from the file (a fresh one would orphan every tombstone); the others may fall back.
+        if "id_salt" not in doc:
+            raise FormatError(f"{where}: id_salt is missing (the key of every tombstone hash cannot be recovered)")
         doc.pop("format")
+        codec = doc.get("codec", {})
+        if not isinstance(codec, dict):
+            raise FormatError(f"{where}: codec must be an object, got {codec!r}")
         try:
-            doc["codec"] = CodecConfig(**doc.get("codec", {}))
+            doc["codec"] = CodecConfig(**codec)
             config = cls(**doc)
             config.validate()
         except (TypeError, InvalidInputError) as err:
-            raise FormatError(f"{where}: invalid gradstore.json ({err})") from None
+            raise FormatError(f"{where}: {err}") from None
         return config

@@ -3,8 +3,12 @@
 Manifests are the only source of truth. A manifest may list segments it `replaces` (an erasure rewrite, a
 compaction); those are dead even if their own manifests still exist (a crash between "commit the new
 manifest" and "delete the old one"). If an ID occurs in several live segments (a replaced example whose old
-copy is not yet rewritten, or two processes appending the same ID), the newest segment wins: segment IDs
-sort by creation time.
+copy is not yet removed, or two processes appending the same ID), the copy in the latest segment wins.
+
+"Latest" is the segment's *commit order* (`Manifest.order_key`), not the time its files were written: a
+writer's segment may be written before, and committed after, a compaction that read the older copy of one of
+its IDs. A writer's commit takes the time of the commit; a rewrite keeps its source's order and a merge the
+latest of its sources', so that moving a copy never makes it newer than a copy committed after it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from ._segment import Manifest
 @dataclass
 class Index:
     manifests: dict[str, Manifest] = field(default_factory=dict)  # every manifest present, live or not
-    live: list[str] = field(default_factory=list)  # live segment IDs, oldest first
+    live: list[str] = field(default_factory=list)  # live segment IDs, in commit order (oldest first)
     locate: dict[ExampleId, tuple[str, int]] = field(default_factory=dict)
     shadowed: int = 0  # copies of IDs hidden by a newer copy
 
@@ -26,7 +30,7 @@ class Index:
     def build(cls, manifests: dict[str, Manifest]) -> Index:
         index = cls(manifests=dict(manifests))
         dead = {old for m in manifests.values() for old in m.replaces}
-        index.live = sorted(s for s in manifests if s not in dead)
+        index.live = sorted((s for s in manifests if s not in dead), key=lambda s: manifests[s].order_key)
         for segment in index.live:
             index._add_entries(manifests[segment])
         return index
@@ -45,15 +49,18 @@ class Index:
     def add(self, manifest: Manifest) -> None:
         """A manifest committed by this process: add it without rebuilding (rebuild if it replaces others)."""
         self.manifests[manifest.segment] = manifest
-        if manifest.replaces or (self.live and manifest.segment < self.live[-1]):
-            rebuilt = Index.build(self.manifests)
-            self.live, self.locate, self.shadowed = rebuilt.live, rebuilt.locate, rebuilt.shadowed
+        latest = self.manifests[self.live[-1]].order_key if self.live else None
+        if manifest.replaces or (latest is not None and manifest.order_key < latest):
+            self._rebuild()
             return
         self.live.append(manifest.segment)
         self._add_entries(manifest)
 
     def remove(self, segment: str) -> None:
         self.manifests.pop(segment, None)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
         rebuilt = Index.build(self.manifests)
         self.live, self.locate, self.shadowed = rebuilt.live, rebuilt.locate, rebuilt.shadowed
 
@@ -61,3 +68,7 @@ class Index:
         """Positions of a live segment whose IDs are not shadowed by a newer copy."""
         manifest = self.manifests[segment]
         return [p for p, i in enumerate(manifest.ids) if self.locate.get(i) == (segment, p)]
+
+    def holding(self, wanted: set[ExampleId]) -> list[str]:
+        """Live segments that hold any copy (the current one or a shadowed one) of an ID in `wanted`."""
+        return [s for s in self.live if not wanted.isdisjoint(self.manifests[s].ids)]

@@ -1,24 +1,77 @@
 """The mutation lock: erasure and compaction rewrite segments, so only one may run at a time per store.
 
-Appends never take it (each writer writes its own segments). The lock is an object created with create-only
-semantics, so it works on S3 as well as locally. A holder that died leaves it behind: a lock is broken when
-its lease has expired, or at once when it was taken on this host by a process that no longer exists.
+Appends never take it (each writer writes its own segments). The lock is an object (`locks/mutation.json`,
+a JSON record of owner token, pid, host and acquisition time) created with create-only semantics, so it works
+on S3 as well as locally.
+
+A holder that died leaves the object behind. It is broken (treated as stale) when:
+
+- its lease has expired (`acquired` older than `lease_s`), or at once when it was taken on this host by a
+  process that no longer exists;
+- it is not a valid record (not JSON, not an object, fields of the wrong type): gradstore writes the lock in
+  one atomic create, so such an object is corruption or a foreign writer. It is broken once the object itself
+  (its modification time) is older than the lease; until then a waiter gives up after `timeout_s` with a
+  `StoreLockedError` naming the lock object.
+
+Breaking is a compare-and-delete (`ObjectStore.delete_if_unchanged`) of exactly the bytes judged stale: two
+processes that both judged the same lock stale cannot both take it, because once the first has deleted it and
+created its own lock, the second's delete no longer matches. Locally this is atomic (an flock serialises the
+deleters; on a network file system, as far as it implements flock). On S3 it is a conditional DELETE
+(`If-Match` on the ETag of the bytes compared), atomic where the server honours `If-Match` (AWS documents it
+for DeleteObject; moto honours it). Remaining window: a server that ignores `If-Match` (or refuses it, see
+`S3Objects.delete_if_unchanged`) deletes whatever is there, so between the comparison and the DELETE (one
+request) a second breaker could remove the lock the first has just taken. Release uses the same
+compare-and-delete, so a holder whose lease expired and whose lock was broken never deletes its successor's
+lock.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from ._objects import ObjectStore
 from .errors import StoreLockedError
 
 LOCK_KEY = "locks/mutation.json"
+_MAX_PID = 2**31 - 1  # os.kill takes a C int; anything larger cannot be a pid
+
+
+@dataclass(frozen=True)
+class _Holder:
+    """A valid lock record."""
+
+    owner: str
+    pid: int
+    host: str
+    acquired: float  # time.time() of the holder when it took the lock
+
+
+def _parse_holder(raw: bytes) -> _Holder | str:
+    """The holder recorded in the lock object, or a description of why the object is not a valid record."""
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"not JSON ({err})"
+    if not isinstance(doc, dict):
+        return f"a JSON {type(doc).__name__}, not an object"
+    owner, pid, host, acquired = (doc.get(k) for k in ("owner", "pid", "host", "acquired"))
+    if not isinstance(owner, str):
+        return f"owner {owner!r} is not a string"
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid <= _MAX_PID:
+        return f"pid {pid!r} is not a process id"
+    if not isinstance(host, str):
+        return f"host {host!r} is not a string"
+    if not isinstance(acquired, (int, float)) or isinstance(acquired, bool) or not math.isfinite(acquired):
+        return f"acquired {acquired!r} is not a time"
+    return _Holder(owner, pid, host, float(acquired))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -31,15 +84,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _is_stale(holder: dict, lease_s: float) -> bool:
-    if time.time() - float(holder.get("acquired", 0)) > lease_s:
+def _is_stale(objects: ObjectStore, holder: _Holder | str, lease_s: float) -> bool:
+    if isinstance(holder, str):  # an invalid record: judged by the object's own age
+        try:
+            return time.time() - objects.modified(LOCK_KEY) > lease_s
+        except FileNotFoundError:
+            return False  # gone meanwhile: the next attempt to create it decides
+    if time.time() - holder.acquired > lease_s:
         return True
-    return holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1)))
+    return holder.host == socket.gethostname() and not _pid_alive(holder.pid)
 
 
 @contextmanager
 def mutation_lock(objects: ObjectStore, *, timeout_s: float = 60.0, lease_s: float = 3600.0) -> Iterator[str]:
-    """Hold the store's mutation lock for the duration of the block; yields the owner token."""
+    """Hold the store's mutation lock for the duration of the block; yields the owner token.
+
+    Waits up to `timeout_s` for another holder, then raises `StoreLockedError`. A holder older than `lease_s`
+    (or dead on this host) is broken, see the module docstring.
+    """
     owner = uuid.uuid4().hex
     record = json.dumps({"owner": owner, "pid": os.getpid(), "host": socket.gethostname(),
                          "acquired": time.time()}).encode()
@@ -47,24 +109,34 @@ def mutation_lock(objects: ObjectStore, *, timeout_s: float = 60.0, lease_s: flo
     delay = 0.01
     while not objects.write_new(LOCK_KEY, record):
         try:
-            holder = json.loads(objects.read(LOCK_KEY))
-        except (FileNotFoundError, ValueError):
-            continue  # released (or being written) between our attempt and the read: try again
-        if _is_stale(holder, lease_s):
-            objects.delete(LOCK_KEY)
+            raw = objects.read(LOCK_KEY)
+        except FileNotFoundError:
+            raw = None  # released between our attempt and the read
+        holder = _parse_holder(raw) if raw is not None else None
+        # Delete only the exact bytes judged stale: if another process broke them first and took the lock, its
+        # record differs and stays. After a break, try again at once.
+        if holder is not None and _is_stale(objects, holder, lease_s) and objects.delete_if_unchanged(LOCK_KEY, raw):
             continue
+        # Every other pass checks the deadline and backs off, whatever it read: nothing here may spin.
         if time.monotonic() > deadline:
-            raise StoreLockedError(
-                f"{objects.uri}: another process (pid {holder.get('pid')} on {holder.get('host')}) is erasing or "
-                f"compacting; gave up after {timeout_s:.0f} s"
-            )
+            raise StoreLockedError(_locked_message(objects, holder, timeout_s, lease_s))
         time.sleep(delay)
         delay = min(delay * 2, 0.5)
     try:
         yield owner
     finally:
-        try:
-            if json.loads(objects.read(LOCK_KEY)).get("owner") == owner:
-                objects.delete(LOCK_KEY)
-        except (FileNotFoundError, ValueError):
-            pass
+        # Compare-and-delete our own record: if our lease expired and another process broke the lock and took
+        # it, the object is theirs now and stays.
+        objects.delete_if_unchanged(LOCK_KEY, record)
+
+
+def _locked_message(objects: ObjectStore, holder: _Holder | str | None, timeout_s: float, lease_s: float) -> str:
+    where = f"{objects.uri}/{LOCK_KEY}"
+    if isinstance(holder, _Holder):
+        return (f"{where}: another process (pid {holder.pid} on {holder.host}) is erasing or compacting; "
+                f"gave up after {timeout_s:g} s")
+    if isinstance(holder, str):
+        return (f"{where}: the mutation lock object is not a valid lock record ({holder}); gave up after "
+                f"{timeout_s:g} s. It is treated as stale once older than the lease ({lease_s:g} s); if no "
+                f"erase or compaction is running, delete it")
+    return f"{where}: the mutation lock kept changing hands; gave up after {timeout_s:g} s"

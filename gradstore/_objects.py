@@ -6,11 +6,19 @@ every commit rests (a segment becomes visible when its manifest is created, and 
 than overwrite). Locally that is a temporary file hard-linked into place (`os.link` fails if the name exists,
 and the linked file is already complete); on S3 it is a conditional PUT (`If-None-Match: *`).
 
+The mutation lock needs one more: `delete_if_unchanged`, a compare-and-delete, so that a process breaking a
+dead holder's lock cannot delete a lock that another process took meanwhile. Locally every such delete runs
+under an `flock` on a hidden guard file beside the object, which makes "re-read, compare, unlink" atomic with
+respect to every other deleter (creators cannot replace an existing name). On S3 it is a conditional DELETE
+(`If-Match: <ETag>`) of the version whose bytes were compared; a server that ignores `If-Match` leaves a
+window of one request between the comparison and the delete (see `S3Objects.delete_if_unchanged`).
+
 Keys are '/'-separated paths relative to the store root, like zarr's.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import uuid
@@ -18,7 +26,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, NotAStoreError
 
 
 class ObjectStore(ABC):
@@ -48,6 +56,24 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def modified(self, key: str) -> float:
+        """When `key` was last written, as seconds since the epoch (the backend's clock)."""
+
+    def delete_if_unchanged(self, key: str, expected: bytes) -> bool:
+        """Delete `key` only if it still holds exactly `expected`; True if this call deleted it.
+
+        This generic version re-reads, compares, then deletes: between the comparison and the delete another
+        process may replace the object. Backends override it with an atomic version where they can.
+        """
+        try:
+            if self.read(key) != expected:
+                return False
+        except FileNotFoundError:
+            return False
+        self.delete(key)
+        return True
 
     @abstractmethod
     def list_dir(self, prefix: str) -> list[str]:
@@ -85,6 +111,14 @@ class LocalObjects(ObjectStore):
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
         self.uri = str(self.root)
+        # A regular file where the store's directory (or one of its parents) should be would otherwise surface
+        # as a raw NotADirectoryError from the first read or mkdir.
+        for path in (self.root, *self.root.parents):
+            if path.exists():
+                if not path.is_dir():
+                    where = "is" if path == self.root else f"lies under {path}, which is"
+                    raise NotAStoreError(f"{self.uri} {where} a file, not a directory: a store is a directory")
+                break
 
     def _path(self, key: str) -> Path:
         return self.root / key
@@ -146,6 +180,32 @@ class LocalObjects(ObjectStore):
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
+
+    def modified(self, key: str) -> float:
+        return os.stat(self._path(key)).st_mtime
+
+    def delete_if_unchanged(self, key: str, expected: bytes) -> bool:
+        # Every compare-and-delete of `key` holds an exclusive flock on a hidden guard file beside it, so no
+        # other deleter can remove the object between our read and our unlink; and nothing can replace an
+        # existing name (creation is create-only). So the object unlinked is the one compared. The guard file
+        # stays (a few bytes of inode, hidden from list_dir by its leading dot).
+        path = self._path(key)
+        try:
+            fd = os.open(path.with_name(f".{path.name}.delete-guard"), os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # not even the directory exists
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if path.read_bytes() != expected:
+                    return False
+            except FileNotFoundError:
+                return False
+            path.unlink()
+            self._sync_dir(path.parent)
+            return True
+        finally:
+            os.close(fd)  # releases the flock
 
     def list_dir(self, prefix: str) -> list[str]:
         try:
@@ -238,6 +298,47 @@ class S3Objects(ObjectStore):
     def exists(self, key: str) -> bool:
         return self._fs.exists(self._path(key))
 
+    def modified(self, key: str) -> float:
+        return self._fs.modified(self._path(key), refresh=True).timestamp()
+
+    def delete_if_unchanged(self, key: str, expected: bytes) -> bool:
+        """GET the object and its ETag in one request, compare the bytes, then DELETE with `If-Match: <ETag>`.
+
+        On a server that honours conditional deletes (AWS S3 documents `If-Match` on DeleteObject; moto, which the
+        tests run against, honours it) the object deleted is the version compared.
+        One that ignores `If-Match` deletes whatever is there: a window of one request remains. One that refuses
+        the header (501 / NotImplemented) gets a plain DELETE after the comparison, with the same window.
+        """
+        from fsspec.asyn import sync
+
+        bucket, path = self._path(key).split("/", 1)
+
+        async def get() -> tuple[bytes, str]:
+            response = await self._fs._call_s3("get_object", Bucket=bucket, Key=path)
+            async with response["Body"] as body:
+                return await body.read(), response["ETag"]
+
+        try:
+            data, etag = sync(self._fs.loop, get)
+        except FileNotFoundError:
+            return False
+        if data != expected:
+            return False
+        try:
+            self._fs.call_s3("delete_object", Bucket=bucket, Key=path, IfMatch=etag)
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            code = _s3_error_code(err)
+            if code == "PreconditionFailed":
+                return False  # replaced since we read it: not ours to delete
+            if code != "NotImplemented":
+                raise
+            self.delete(key)
+        finally:
+            self._fs.invalidate_cache(self._path(key))
+        return True
+
     def list_dir(self, prefix: str) -> list[str]:
         try:
             entries = self._fs.ls(self._path(prefix), detail=False, refresh=True)
@@ -275,6 +376,12 @@ class S3Objects(ObjectStore):
 
         fs = s3fs.S3FileSystem(asynchronous=True, **self.storage_options)
         return zarr.storage.FsspecStore(fs, path=self._base)
+
+
+def _s3_error_code(err: BaseException) -> str | None:
+    """The S3 error code behind an OSError that s3fs translated from a botocore ClientError (its __cause__)."""
+    response = getattr(err.__cause__, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
 
 
 def open_objects(uri: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> ObjectStore:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
 import os
-import re
 import threading
 import time
 import uuid
@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ._encoding import ExampleId, decode_rows, id_key, normalize_id
-from ._format import METADATA_KEY, CodecConfig, StoreConfig
+from ._encoding import ExampleId, as_list, decode_rows, id_key, normalize_id
+from ._format import METADATA_KEY, STORED_DTYPES, CodecConfig, StoreConfig
 from ._index import Index
 from ._lock import mutation_lock
 from ._objects import ObjectStore, open_objects
 from ._segment import (
     MANIFESTS,
+    SEGMENT_NAME,
     SEGMENTS,
     Manifest,
     SegmentData,
@@ -51,7 +52,6 @@ TOMBSTONES = "tombstones"
 JOURNAL = "journal"
 AUDIT = "audit"
 _READ_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gradstore-read")
-SEGMENT_NAME = re.compile(r"\d{20}-[0-9a-f]{12}")
 ORPHAN_GRACE_S = 3600.0  # an uncommitted segment younger than this may still be being written
 
 
@@ -209,7 +209,7 @@ class GradStore:
         for segment in sorted(names - known):
             key = f"{MANIFESTS}/{segment}.json"
             try:
-                manifests[segment] = Manifest.from_json(self._objects.read(key), f"{self.uri}/{key}")
+                manifests[segment] = Manifest.from_json(self._objects.read(key), f"{self.uri}/{key}", segment=segment)
             except FileNotFoundError:
                 continue  # retired between listing and reading
         index = Index.build(manifests)
@@ -226,10 +226,16 @@ class GradStore:
 
         return StoreWriter(self, buffer_bytes=buffer_bytes, name=name)
 
-    def _commit(self, data: SegmentData, *, replaces: tuple[str, ...] = (), writer: str = "") -> Manifest:
-        """Write a segment and commit it with a create-only manifest. Returns the manifest."""
+    def _commit(self, data: SegmentData, *, replaces: tuple[str, ...] = (), writer: str = "",
+                order: int | None = None) -> Manifest:
+        """Write a segment and commit it with a create-only manifest. Returns the manifest.
+
+        `order`: the segment's place in commit order (see `_index`); by default the time of the commit, taken
+        after the files are written. Rewrites and merges pass their sources' order instead.
+        """
         segment = new_segment_id()
         manifest = write_segment(self._objects, self.config, segment, data, replaces=replaces, writer=writer)
+        manifest = dataclasses.replace(manifest, order=time.time_ns() if order is None else order)
         if not self._objects.write_new(f"{MANIFESTS}/{segment}.json", manifest.to_json()):
             raise FormatError(f"manifest of new segment {segment} already exists")  # a UUID collision
         with self._lock:
@@ -262,7 +268,10 @@ class GradStore:
         with self._lock:
             reader = self._readers.get(segment)
             if reader is None:
-                reader = self._readers[segment] = SegmentReader(self._objects, self._index.manifests[segment])
+                manifest = self._index.manifests.get(segment)
+                if manifest is None:  # retired by another thread since it was looked up (`_retrying` looks again)
+                    raise FileNotFoundError(f"segment {segment} was retired")
+                reader = self._readers[segment] = SegmentReader(self._objects, manifest, self.config)
             return reader
 
     def _resolve(self, ids: Iterable[Any]) -> list[tuple[ExampleId, str, int]]:
@@ -287,17 +296,25 @@ class GradStore:
 
     def get_many(self, ids: Iterable[Any], *, with_meta: bool = False) -> Batch:
         """Many examples in one batched read, as a CSR `Batch` in the order asked (repeats allowed)."""
-        ids = list(ids)
-        for attempt in range(2):
-            located = self._resolve(ids)
-            try:
-                return self._read(located, with_meta)
-            except FileNotFoundError:
-                # A segment was retired by an erasure or compaction in another process: look again, once.
-                if attempt:
-                    raise
-                self.refresh()
-        raise AssertionError("unreachable")
+        ids = as_list(ids, "ids")
+        return self._retrying(lambda: self._read(self._resolve(ids), with_meta))
+
+    def _retrying(self, read: Any) -> Any:
+        """`read()`, looked up and read again once if a segment it used was retired meanwhile.
+
+        An erasure or compaction (in another process, or another thread on this handle) may retire a segment
+        between the lookup and the read; its live examples are then in a newer segment, or erased. A file that is
+        still missing after a fresh lookup belongs to a committed segment: the store is damaged.
+        """
+        try:
+            return read()
+        except FileNotFoundError:
+            self.refresh()
+        try:
+            return read()
+        except FileNotFoundError as err:
+            raise FormatError(f"{self.uri}: a committed segment is missing data ({err}); the store is damaged"
+                              ) from None
 
     def _read(self, located: list[tuple[ExampleId, str, int]], with_meta: bool) -> Batch:
         # The CSR result is allocated once, from the manifests' row offsets (no I/O), and every segment reads
@@ -310,7 +327,7 @@ class GradStore:
         total, dim = int(starts[-1]), self.config.dim
         int8 = self.config.dtype == "int8"
         token_ids = np.empty(total, dtype=np.int32)
-        rows = np.empty((total, dim), dtype=_stored_dtype(self.config.dtype))
+        rows = np.empty((total, dim), dtype=STORED_DTYPES[self.config.dtype])
         scales = np.empty(total, dtype=np.float32) if int8 else None
         by_segment: dict[str, list[int]] = {}
         for i, (_, segment, _) in enumerate(located):
@@ -345,44 +362,54 @@ class GradStore:
 
     def get_sequences(self, ids: Iterable[Any]) -> list[list[int]]:
         """The stored token sequences of these examples (empty lists where none was stored), rows left unread."""
-        located = self._resolve(list(ids))
+        ids = as_list(ids, "ids")
+        return [s.tolist() for s in self._retrying(lambda: self._read_sequences(self._resolve(ids)))]
+
+    def _read_sequences(self, located: list[tuple[ExampleId, str, int]]) -> list[np.ndarray]:
         by_segment: dict[str, list[int]] = {}
         for _, segment, position in located:
             by_segment.setdefault(segment, []).append(position)
-        found: dict[tuple[str, int], list[int]] = {}
+        found: dict[tuple[str, int], np.ndarray] = {}
         for segment, positions in by_segment.items():
             for position, tokens in zip(positions, self._reader(segment).read_sequences(positions), strict=True):
-                found[(segment, position)] = tokens.tolist()
+                found[(segment, position)] = tokens
         return [found[(s, p)] for _, s, p in located]
 
     def iter_batches(self, batch_size: int = 256, *, with_meta: bool = False) -> Iterator[Batch]:
-        """Every live example, streamed in CSR batches of up to `batch_size` (each batch from one segment)."""
-        with self._lock:
-            index = self._index
-        for segment in index.live:
-            positions = index.live_positions(segment)
-            ids = index.manifests[segment].ids
-            for start in range(0, len(positions), batch_size):
-                chunk = positions[start : start + batch_size]
-                try:
-                    yield self._read([(ids[p], segment, p) for p in chunk], with_meta)
-                except FileNotFoundError:
-                    break  # retired meanwhile by another process; its examples live on in a newer segment
+        """Every live example, streamed in CSR batches of up to `batch_size` (from one segment each, unless a
+        concurrent compaction moved the examples)."""
+        yield from self._iterate(batch_size, lambda located: self._read(located, with_meta))
 
     def iter_sequences(self, batch_size: int = 4096) -> Iterator[tuple[list[ExampleId], list[np.ndarray]]]:
         """Every live example's token sequence (int32 arrays; empty if none was stored), rows left unread."""
+        yield from self._iterate(batch_size, lambda located: ([k for k, _, _ in located],
+                                                              self._read_sequences(located)))
+
+    def _iterate(self, batch_size: int, read: Any) -> Iterator[Any]:
+        """`read(located)` over every live example, in batches, from one snapshot of the index.
+
+        If a segment is retired while it is being read (an erasure or compaction elsewhere), the examples of it
+        not yet read are looked up again: they now live in a newer segment (which the snapshot does not list, so
+        nothing is read twice) or were erased (and are skipped).
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
         with self._lock:
             index = self._index
         for segment in index.live:
             positions = index.live_positions(segment)
             ids = index.manifests[segment].ids
             for start in range(0, len(positions), batch_size):
-                chunk = positions[start : start + batch_size]
+                chunk = [(ids[p], segment, p) for p in positions[start : start + batch_size]]
                 try:
-                    sequences = self._reader(segment).read_sequences(chunk)
+                    yield read(chunk)
                 except FileNotFoundError:
+                    self.refresh()
+                    rest = [ids[p] for p in positions[start:] if self._contains_live(ids[p])]
+                    for at in range(0, len(rest), batch_size):
+                        part = rest[at : at + batch_size]
+                        yield self._retrying(lambda part=part: read(self._resolve(part)))
                     break
-                yield [ids[p] for p in chunk], sequences
 
     # ------------------------------------------------------------------------------------------ tombstones
     def id_hash(self, example_id: Any) -> str:
@@ -410,12 +437,13 @@ class GradStore:
         journaled first and replayed by the next `open` or mutation.
         """
         self._check_writable()
-        keys = list(dict.fromkeys(normalize_id(i) for i in ids))
+        keys = list(dict.fromkeys(normalize_id(i) for i in as_list(ids, "ids")))
         if not keys:
             raise InvalidInputError("erase needs at least one ID")
         with mutation_lock(self._objects):
             self._replay_journal(locked=True)
             self.refresh()
+            self._retire_superseded()
             present = [k for k in keys if self._contains_live(k)]
             already = [k for k in keys if not self._contains_live(k) and self.is_erased(k)]
             unknown = [k for k in keys if not self._contains_live(k) and k not in already]
@@ -426,29 +454,35 @@ class GradStore:
             now = time.time()
             if not present:
                 return ErasureReceipt(receipt_id, [], already, 0, 0, now)
-            with self._lock:
-                segments = sorted({self._index.locate[k][0] for k in present})
             hashes = sorted(self.id_hash(k) for k in present)
-            journal = {"receipt": receipt_id, "hashes": hashes, "segments": segments, "time": now}
+            journal = {"receipt": receipt_id, "hashes": hashes, "time": now}
             self._objects.write_new(f"{JOURNAL}/{receipt_id}.json", json.dumps(journal).encode())
-            rewritten, removed = self._apply_erasure(journal)
+            rewritten, removed = self._apply_erasure(journal, set(present))
         return ErasureReceipt(receipt_id, present, already, rewritten, removed, now)
 
-    def _apply_erasure(self, journal: dict[str, Any]) -> tuple[int, int]:
-        """Tombstones, then segment rewrites, then drop the journal entry. Safe to repeat after a crash."""
+    def _apply_erasure(self, journal: dict[str, Any], keys: set[ExampleId] | None = None) -> tuple[int, int]:
+        """Tombstones, then segment rewrites, then drop the journal entry. Safe to repeat after a crash.
+
+        Every copy of each ID goes, the shadowed ones too (an older copy left behind would be read again once
+        the newer one is gone). `keys`: the IDs, when the caller knows them; a replay after a crash knows only
+        the salted hashes, and looks for them in every live segment (a segment named at the time of the crash
+        may have been rewritten since by another process).
+        """
         for h in journal["hashes"]:
             tombstone = {"hash": h, "erased_at": journal["time"], "receipt": journal["receipt"]}
             self._objects.write(f"{TOMBSTONES}/{h}.json", json.dumps(tombstone).encode())
-        drop = set(journal["hashes"])
-        rewritten = removed = 0
-        self.refresh()
-        for segment in journal["segments"]:
+        if keys is None:
+            hashes = set(journal["hashes"])
             with self._lock:
-                live = segment in self._index.live
-            if live:
-                freed = self._rewrite_segment(segment, lambda i: self.id_hash(i) in drop)
-                rewritten += freed is not None
-                removed += freed or 0
+                index = self._index
+            keys = {i for s in index.live for i in index.manifests[s].ids if self.id_hash(i) in hashes}
+        rewritten = removed = 0
+        with self._lock:
+            segments = self._index.holding(keys)
+        for segment in segments:
+            freed = self._rewrite_segment(segment, lambda i: i in keys)
+            rewritten += freed is not None
+            removed += freed or 0
         self._objects.delete(f"{JOURNAL}/{journal['receipt']}.json")
         return rewritten, removed
 
@@ -468,23 +502,28 @@ class GradStore:
                 continue
             except ValueError:  # torn write cannot happen (atomic puts); refuse to guess
                 raise FormatError(f"{self.uri}: unreadable journal entry {name}") from None
+            self.refresh()
+            self._retire_superseded()
             self._apply_erasure(journal)
         self._retire_superseded()
 
     def _rewrite_segment(self, segment: str, drop: Any) -> int | None:
-        """Replace a live segment by a copy without the examples for which `drop(id)` is true.
+        """Replace a live segment by a copy without the examples for which `drop(id)` is true, and without
+        copies that a newer copy shadows.
 
-        Returns the bytes freed, or None if nothing in the segment matched. Must hold the mutation lock.
+        The copy keeps the segment's place in commit order: a rewrite must not make an old copy newer than
+        one committed after it. Returns the bytes freed, or None if nothing was removed. Must hold the
+        mutation lock, with superseded segments already retired (`_retire_superseded`).
         """
         with self._lock:
             manifest = self._index.manifests[segment]
-        keep = [p for p, i in enumerate(manifest.ids) if not drop(i)]
+            keep = [p for p in self._index.live_positions(segment) if not drop(manifest.ids[p])]
         if len(keep) == manifest.n_examples:
             return None
         replaces = (segment, *manifest.replaces)
         if keep:
             data = self._reader(segment).read_all().select(keep)
-            new = self._commit(data, replaces=replaces, writer="rewrite")
+            new = self._commit(data, replaces=replaces, writer="rewrite", order=manifest.order_key[0])
             freed = manifest.stored_bytes - new.stored_bytes
         else:
             freed = manifest.stored_bytes
@@ -511,19 +550,16 @@ class GradStore:
         self._check_writable()
         wanted = set(ids)
         with mutation_lock(self._objects):
+            self._replay_journal(locked=True)
             self.refresh()
+            self._retire_superseded()
             with self._lock:
                 index = self._index
                 targets = [s for s in index.live
                            if any(i in wanted and index.locate.get(i) != (s, p)
                                   for p, i in enumerate(index.manifests[s].ids))]
             for segment in targets:
-                with self._lock:
-                    locate = dict(self._index.locate)
-                    ids_here = self._index.manifests[segment].ids
-                keep_pos = {p for p, i in enumerate(ids_here) if locate.get(i) == (segment, p)}
-                stale = {i for p, i in enumerate(ids_here) if p not in keep_pos}
-                self._rewrite_segment(segment, lambda i, stale=stale: i in stale)
+                self._rewrite_segment(segment, lambda i: False)  # a rewrite leaves shadowed copies out
 
     def remove_shadowed(self) -> int:
         """Physically remove every copy of an ID hidden by a newer one; returns how many IDs had copies."""
@@ -568,7 +604,10 @@ class GradStore:
                     continue
                 parts = [self._reader(s).read_all().select(index.live_positions(s)) for s in group]
                 replaces = tuple(dict.fromkeys(r for s in group for r in (s, *index.manifests[s].replaces)))
-                self._commit(SegmentData.concatenate(parts), replaces=replaces, writer="compact")
+                # The merge takes the latest order of its sources, not the time of this commit: a writer that
+                # commits a newer copy of one of these IDs meanwhile must stay newer (see `_index`).
+                order = max(index.manifests[s].order_key[0] for s in group)
+                self._commit(SegmentData.concatenate(parts), replaces=replaces, writer="compact", order=order)
                 for segment in group:
                     self._retire(segment)
                 merged += len(group)
@@ -627,8 +666,4 @@ class GradStore:
 
     def __repr__(self) -> str:
         return f"GradStore({self.uri!r}, examples={len(self)}, dtype={self.config.dtype}, dim={self.config.dim})"
-
-
-def _stored_dtype(dtype: str) -> type:
-    return {"float32": np.float32, "bfloat16": np.uint16, "int8": np.int8}[dtype]
 

@@ -30,10 +30,10 @@ class StoreWriter:
     """Appends examples to a store. One writer per thread / process / rank; use as a context manager."""
 
     def __init__(self, store: GradStore, *, buffer_bytes: int = 0, name: str | None = None):
-        if buffer_bytes < 0:
-            raise InvalidInputError(f"buffer_bytes must be >= 0, got {buffer_bytes}")
+        if not isinstance(buffer_bytes, (int, np.integer)) or isinstance(buffer_bytes, bool) or buffer_bytes < 0:
+            raise InvalidInputError(f"buffer_bytes must be a non-negative integer, got {buffer_bytes!r}")
         self.store = store
-        self.buffer_bytes = buffer_bytes
+        self.buffer_bytes = int(buffer_bytes)
         self.name = name or f"pid{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._parts: list[SegmentData] = []
         self._buffered_ids: set[ExampleId] = set()
@@ -84,9 +84,7 @@ class StoreWriter:
             encoded = encode_rows(rows[i], config.dim, config.dtype, where)
             if len(tokens) != len(encoded.values):
                 raise InvalidInputError(f"{where}: {len(tokens)} token ids but {len(encoded.values)} rows")
-            meta_bytes, sequence = encode_meta(metas[i], where)
-            if sequence is not None and sequence.size and (sequence.min() < 0 or sequence.max() >= config.vocab_size):
-                raise InvalidInputError(f"{where}: meta['tokens'] holds ids outside [0, {config.vocab_size})")
+            meta_bytes, sequence = encode_meta(metas[i], where, config.vocab_size)
             keys.append(key)
             seen.add(key)
             tokens_out.append(tokens)

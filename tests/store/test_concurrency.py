@@ -1,13 +1,18 @@
-"""Several processes write into one store at once: every example is present exactly once afterwards."""
+"""Several processes (and threads) at once on one store: appends, reads, erasures and compactions.
+
+Every example is present exactly once afterwards, readers never see a retired segment's absence, and the
+current copy of an ID stays current however its segments are rewritten or merged."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 
 import numpy as np
+import pytest
 import torch
 
-from gradstore import GradStore
+from gradstore import FormatError, GradStore
 
 
 def write_range(uri: str, worker: int, n: int) -> None:
@@ -43,3 +48,104 @@ def test_four_processes_append_concurrently(tmp_path):
     store.compact()
     reopened = GradStore.open(uri)
     assert sorted(reopened.ids()) == sorted(ids) and reopened.stats().segments == 1
+
+
+# --- readers and writers meeting erasure and compaction ------------------------------------------------------
+def one_row(value: float) -> list[torch.Tensor]:
+    return [torch.full((1, 4), float(value))]
+
+
+def test_a_replacement_committed_during_a_compaction_stays_the_current_copy(tmp_path):
+    """The writer's segment is written before, and committed after, a compaction that merged the older copy:
+    the replacement must win (and the older copy go), whatever the segments' names say."""
+    uri = str(tmp_path / "store")
+    store = GradStore.create(uri, dim=4, vocab_size=100, dtype="float32")
+    for example_id, value in (("x", 1.5), ("z", 9.0)):
+        with store.writer() as w:
+            w.append([example_id], [[1]], one_row(value))
+    compactor, writer_side = GradStore.open(uri), GradStore.open(uri)
+    commit = writer_side.objects.write_new
+    merged = []
+
+    def compact_just_before_the_commit(key, data):
+        if key.startswith("manifests/") and not merged:
+            merged.append(compactor.compact(small_rows=1 << 20).segments_merged)
+        return commit(key, data)
+    writer_side.objects.write_new = compact_just_before_the_commit
+    with writer_side.writer() as w:
+        w.append(["x"], [[3]], one_row(777.25), replace=True)
+    assert merged == [2]
+    for handle in (writer_side, GradStore.open(uri)):
+        assert handle.get("x").rows[0, 0] == 777.25 and handle.get("z").rows[0, 0] == 9.0
+    assert GradStore.open(uri).stats().shadowed_copies == 0
+
+
+def test_a_reader_survives_segments_retired_by_another_process(tmp_path):
+    uri = str(tmp_path / "store")
+    store = GradStore.create(uri, dim=4, vocab_size=100, dtype="float32")
+    with store.writer() as w:
+        w.append(["keep", "gone"], [[1], [3]], one_row(1.0) + one_row(2.0),
+                 [{"tokens": [5, 6, 7]}, {"tokens": [8]}])
+    reader = GradStore.open(uri, read_only=True)
+    assert reader.get("keep").rows[0, 0] == 1.0  # its segment's readers and shard indexes are now cached
+    GradStore.open(uri).erase(["gone"])  # rewrites that segment and deletes the old one
+    assert reader.get("keep").rows[0, 0] == 1.0
+    with store.writer() as w:
+        w.append(["z"], [[4]], one_row(4.0))
+    stale = GradStore.open(uri, read_only=True)
+    GradStore.open(uri).compact(small_rows=1 << 20)
+    assert stale.get_sequences(["keep"]) == [[5, 6, 7]]
+    assert sorted(stale.ids()) == ["keep", "z"]
+
+
+def test_iterating_while_another_process_compacts_yields_every_example_once(tmp_path):
+    uri = str(tmp_path / "store")
+    store = GradStore.create(uri, dim=4, vocab_size=100, dtype="float32")
+    for i in range(4):
+        with store.writer() as w:
+            w.append([f"e{i}a", f"e{i}b"], [[i], [i + 10]], one_row(i) + one_row(i + 10))
+    reader = GradStore.open(uri, read_only=True)
+    seen = []
+    for n, (ids, _) in enumerate(reader.iter_sequences(batch_size=1)):
+        seen += ids
+        if n == 0:  # the snapshot being iterated now names three retired segments
+            GradStore.open(uri).compact(small_rows=1 << 20)
+    assert sorted(seen) == sorted(f"e{i}{s}" for i in range(4) for s in "ab")
+
+
+def test_threads_sharing_a_handle_read_while_it_compacts(tmp_path):
+    store = GradStore.create(str(tmp_path / "store"), dim=4, vocab_size=100, dtype="float32")
+    with store.writer() as w:
+        w.append(["keep"], [[1]], one_row(5.0))
+    stop, errors, reads = threading.Event(), [], [0]
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                assert store.get("keep").rows[0, 0] == 5.0
+                reads[0] += 1
+            except Exception as err:  # every failure is the finding
+                errors.append(repr(err))
+    thread = threading.Thread(target=read)
+    thread.start()
+    try:
+        for i in range(15):
+            with store.writer() as w:
+                w.append([f"t{i}"], [[2]], one_row(1.0))
+            store.compact(small_rows=1 << 20)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors and reads[0] > 0
+
+
+def test_a_missing_shard_of_a_committed_segment_is_an_error_not_zeros(tmp_path):
+    uri = tmp_path / "store"
+    store = GradStore.create(str(uri), dim=4, vocab_size=100, dtype="float32", chunk_rows=2, shard_rows=4)
+    with store.writer() as w:
+        w.append(["a"], [list(range(1, 9))], [torch.arange(32, dtype=torch.float32).reshape(8, 4) + 1])
+    shards = sorted(uri.glob("segments/*/rows/c/*/0"))
+    assert len(shards) == 2
+    shards[1].unlink()
+    with pytest.raises(FormatError, match="missing"):
+        GradStore.open(str(uri)).get("a")

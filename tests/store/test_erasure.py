@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-from gradstore import GradStore
+from gradstore import GradStore, InvalidInputError
 
 
 def all_bytes(root: str) -> list[tuple[str, bytes]]:
@@ -74,3 +75,104 @@ def test_erasing_every_example_of_a_segment_removes_it(tmp_path):
     store.erase([1, 2])
     assert GradStore.open(uri).stats().segments == 1
     assert len([p for p in (Path(uri) / "segments").iterdir() if p.is_dir()]) == 1
+
+
+# --- every copy of an ID goes, and moving copies never changes which one is current -------------------------
+def rows_of(value: float, k: int = 1) -> torch.Tensor:
+    return torch.full((k, 4), value)
+
+
+def two_copies_of_x(uri: str) -> GradStore:
+    """A store holding x twice: the older copy (1.5) beside y, the newer (777.25) appended by a handle whose
+    index predates the first append (in real life: another process), so nothing dropped the older one."""
+    first = GradStore.create(uri, dim=4, vocab_size=100, dtype="float32", codec="none")
+    late = GradStore.open(uri)
+    with first.writer() as w:
+        w.append(["x", "y"], [[1], [2]], [rows_of(1.5), rows_of(2.5)])
+    with late.writer() as w:
+        w.append(["x"], [[3]], [rows_of(777.25)])
+    store = GradStore.open(uri)
+    assert store.stats().shadowed_copies == 1 and store.get("x").rows[0, 0] == 777.25
+    return store
+
+
+def test_rewriting_a_segment_does_not_bring_back_an_older_copy(tmp_path):
+    store = two_copies_of_x(str(tmp_path / "store"))
+    store.erase(["y"])  # rewrites the older segment, which also held the older x
+    for handle in (store, GradStore.open(store.uri)):
+        assert handle.get("x").rows[0, 0] == 777.25
+    assert GradStore.open(store.uri).stats().shadowed_copies == 0  # the rewrite left the older copy out
+
+
+def test_erasing_an_id_removes_its_shadowed_copies_too(tmp_path):
+    uri = str(tmp_path / "store")
+    store = two_copies_of_x(uri)
+    receipt = store.erase(["x"])
+    assert receipt.erased == ["x"] and receipt.segments_rewritten == 2  # both segments that held a copy
+    reopened = GradStore.open(uri)
+    assert "x" not in reopened and reopened.is_erased("x") and reopened.ids() == ["y"]
+    older_row = np.float32(1.5).tobytes() * 4
+    for path, data in all_bytes(uri):
+        assert b'"x"' not in data and older_row not in data, path
+
+
+def test_a_compaction_killed_after_its_commit_cannot_bring_erased_examples_back(tmp_path, monkeypatch):
+    uri = str(tmp_path / "store")
+    store = GradStore.create(uri, dim=4, vocab_size=100, dtype="float32")
+    for example_id, value in (("a", 11.0), ("b", 22.0)):
+        with store.writer() as w:
+            w.append([example_id], [[1]], [rows_of(value)])
+
+    class Killed(Exception):
+        pass
+
+    def killed(self, segment):
+        raise Killed
+    with monkeypatch.context() as m:  # the merged segment is committed; its sources' manifests stay behind
+        m.setattr(GradStore, "_retire", killed)
+        with pytest.raises(Killed):
+            store.compact(small_rows=10)
+    survivor = GradStore.open(uri)
+    assert sorted(survivor.ids()) == ["a", "b"] and len(list((Path(uri) / "manifests").iterdir())) == 3
+    survivor.erase(["a", "b"])  # empties the merged segment: the superseded sources must not come back
+    reopened = GradStore.open(uri)
+    assert reopened.ids() == [] and reopened.is_erased("a") and reopened.is_erased("b")
+    assert list((Path(uri) / "manifests").iterdir()) == []
+
+
+def test_an_interrupted_erasure_finds_its_examples_after_another_process_rewrote_their_segment(
+        tmp_path, monkeypatch):
+    uri = str(tmp_path / "store")
+    store = GradStore.create(uri, dim=4, vocab_size=100, dtype="float32", codec="none")
+    with store.writer() as w:
+        w.append(["x", "y"], [[1], [2]], [rows_of(13.0), rows_of(2.0)])
+    other = GradStore.open(uri)  # another process, already running
+
+    class Killed(Exception):
+        pass
+
+    def killed(self, journal, keys=None):
+        raise Killed
+    with monkeypatch.context() as m:  # killed right after the journal entry
+        m.setattr(GradStore, "_apply_erasure", killed)
+        with pytest.raises(Killed):
+            store.erase(["x"])
+    with other.writer() as w:  # replacing y rewrites the segment the journal entry was written against
+        w.append(["y"], [[3]], [rows_of(3.0)], replace=True)
+    reopened = GradStore.open(uri)  # replays the journal
+    assert reopened.ids() == ["y"] and reopened.is_erased("x")
+    assert not list((Path(uri) / "journal").iterdir())
+    for path, data in all_bytes(uri):
+        assert np.float32(13.0).tobytes() * 4 not in data, path
+
+
+def test_erase_refuses_a_single_string(tmp_path):
+    store = GradStore.create(str(tmp_path / "store"), dim=4, vocab_size=100, dtype="float32")
+    with store.writer() as w:
+        w.append(["a", "b", "ab"], [[1], [2], [3]], [rows_of(1.0)] * 3)
+    for call in (store.erase, store.get_many, store.get_sequences):
+        with pytest.raises(InvalidInputError, match="single string"):
+            call("ab")  # iterated, it would name 'a' and 'b'
+    with pytest.raises(InvalidInputError, match="sequence"):
+        store.erase(5)
+    assert sorted(store.ids()) == ["a", "ab", "b"]

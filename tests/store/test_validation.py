@@ -39,6 +39,8 @@ def snapshot(store):
         (["a"], [[1, 2]], [torch.ones(2, 4, dtype=torch.int64)], "rows must be floating point"),
         (["a"], [[1, 2]], [np.ones((2, 4), dtype=np.int32)], "rows must be floating point"),
         (["a"], [[1, 2]], [[[1.0] * 4] * 2], "rows must be a torch.Tensor or numpy array"),
+        (["a"], [[1]], [np.ones((1, 4), dtype=np.longdouble)], f"rows dtype {np.dtype(np.longdouble)} is not supported"),
+        (["a"], [[1]], [torch.ones(1, 4, device="meta")], "rows is a meta tensor"),
         (["a", "b"], [[1]], [torch.ones(1, 4)], "lengths differ: 2 ids, 1 token_ids, 1 rows"),
         (["a"], [[1, 2, 3]], [torch.ones(2, 4)], "3 token ids but 2 rows"),
         (["a"], [[1, 2]], [torch.tensor([[0.0, 1, 2, 3], [0, float("nan"), 0, 0]])], "row 1 holds NaN or Inf"),
@@ -52,6 +54,7 @@ def snapshot(store):
         ([1.0], [[1]], [torch.ones(1, 4)], "has type float"),
         (["x" * 257], [[1]], [torch.ones(1, 4)], "257 UTF-8 bytes"),
         ([""], [[1]], [torch.ones(1, 4)], "empty"),
+        (["\ud800"], [[1]], [torch.ones(1, 4)], r"string ID '\\ud800' is not valid Unicode"),
         (["a", "a"], [[1], [2]], [torch.ones(1, 4)] * 2, "duplicate ID 'a': already in this append call"),
         (["keep"], [[1]], [torch.ones(1, 4)], "duplicate ID 'keep'"),
         ("abc", [[1]], [torch.ones(1, 4)], "single string"),
@@ -78,6 +81,43 @@ def test_bad_metadata_is_refused(store):
         with pytest.raises(InvalidInputError, match="meta must be a dict"):
             w.append(["a"], [[1]], [torch.ones(1, 4)], ["loss=1"])
     assert GradStore.open(store.uri).ids() == ["keep"]
+
+
+@pytest.mark.parametrize("tokens", [
+    [2**32 + 5],  # wrapped to 5 by a cast to int32 before the range check
+    np.array([2**63 + 7], dtype=np.uint64),
+    np.array([2**31], dtype=np.int64),
+    torch.tensor([-(2**32) + 3]),
+])
+def test_meta_tokens_are_range_checked_before_the_cast_to_int32(store, tokens):
+    bad = int(np.asarray(tokens)[0])
+    with store.writer() as w, pytest.raises(InvalidInputError, match=rf"meta\['tokens'\] holds ids outside \[0, 10\): {bad}"):
+        w.append(["a"], [[1]], [torch.ones(1, 4)], [{"tokens": tokens}])
+    assert GradStore.open(store.uri).ids() == ["keep"]
+
+
+def test_a_lone_surrogate_id_is_not_in_the_store(store):
+    assert "\ud800" not in store
+    with pytest.raises(InvalidInputError, match="not valid Unicode"):
+        store.get("\ud800")
+
+
+@pytest.mark.parametrize("rows", [
+    np.full((2, 4), 1.5, dtype=">f4"),  # big-endian: converted to native
+    np.full((2, 4), 1.5, dtype=">f8"),
+    torch.full((2, 4), 1.5).to_sparse(),  # sparse (COO; CSR alike): densified
+])
+def test_big_endian_and_sparse_rows_are_stored_as_their_values(tmp_path, rows):
+    s = GradStore.create(tmp_path / "s", dim=4, vocab_size=10, dtype="float32")
+    with s.writer() as w:
+        w.append(["x"], [[1, 2]], [rows])
+    assert torch.equal(GradStore.open(s.uri).get("x").rows, torch.full((2, 4), 1.5))
+
+
+@pytest.mark.parametrize("buffer_bytes", [None, -1, 1.5, "1024", True])
+def test_writer_buffer_bytes_must_be_a_non_negative_integer(store, buffer_bytes):
+    with pytest.raises(InvalidInputError, match="buffer_bytes must be a non-negative integer"):
+        store.writer(buffer_bytes=buffer_bytes)
 
 
 def test_duplicate_is_error_unless_replace(store):
@@ -121,6 +161,18 @@ def test_open_missing_path_and_non_store(tmp_path):
     (tmp_path / "other" / "gradstore.json").write_text('{"format": "something-else"}')
     with pytest.raises(NotAStoreError, match="does not describe a gradstore"):
         GradStore.open(tmp_path / "other")
+
+
+def test_a_regular_file_is_not_a_store(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    with pytest.raises(NotAStoreError, match=f"{path} is a file, not a directory"):
+        GradStore.open(path)
+    with pytest.raises(NotAStoreError, match=f"{path} is a file, not a directory"):
+        GradStore.create(path, dim=4, vocab_size=10)
+    with pytest.raises(NotAStoreError, match=f"{path / 'store'} lies under {path}, which is a file"):
+        GradStore.create(path / "store", dim=4, vocab_size=10)
+    assert path.read_text() == "hello"
 
 
 def test_newer_format_is_refused_with_a_clear_error(store):

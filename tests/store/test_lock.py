@@ -1,0 +1,164 @@
+"""The mutation lock: malformed lock objects never hang or crash a waiter, and a stale lock is broken by one
+process only (compare-and-delete), never by two that both judged it stale."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from gradstore import StoreLockedError
+from gradstore._lock import LOCK_KEY, mutation_lock
+from gradstore._objects import LocalObjects, open_objects
+
+STALE = json.dumps({"owner": "dead", "pid": 1, "host": "another-host", "acquired": 0}).encode()
+
+
+@pytest.fixture
+def objects(tmp_path):
+    return LocalObjects(tmp_path / "store")
+
+
+@pytest.fixture
+def any_objects(location):
+    uri, options = location
+    return open_objects(uri, options)
+
+
+class CountingReads(LocalObjects):
+    def __init__(self, root):
+        super().__init__(root)
+        self.lock_reads = 0
+
+    def read(self, key):
+        if key == LOCK_KEY:
+            self.lock_reads += 1
+        return super().read(key)
+
+
+@pytest.mark.parametrize("content", [
+    b"",  # zero bytes
+    b"\xff\xfe not utf-8",
+    b"{truncated",
+    b"[]",
+    b"null",
+    b'{"acquired": "yesterday"}',
+    b'{"owner": "x", "pid": "12", "host": "h", "acquired": 1.0}',
+    b'{"owner": "x", "pid": -1, "host": "h", "acquired": 1.0}',  # os.kill(-1, 0) would probe every process
+    b'{"owner": "x", "pid": 12, "host": "h", "acquired": NaN}',
+])
+def test_a_malformed_lock_object_times_out_with_a_named_error_without_spinning(tmp_path, content):
+    objects = CountingReads(tmp_path / "store")
+    objects.write(LOCK_KEY, content)
+    started = time.monotonic()
+    message = r"locks/mutation\.json: the mutation lock object is not a valid"
+    with pytest.raises(StoreLockedError, match=message), mutation_lock(objects, timeout_s=0.1):
+        pytest.fail("took a lock held by an object younger than the lease")
+    assert time.monotonic() - started < 2
+    # Backing off 10, 20, 40, 80 ms: a handful of reads in 0.1 s, where the old loop made thousands.
+    assert objects.lock_reads < 15
+    assert objects.read(LOCK_KEY) == content  # a young lock object is left alone
+
+
+def test_a_malformed_lock_object_older_than_the_lease_is_broken(objects):
+    objects.write(LOCK_KEY, b"[]")
+    old = time.time() - 7200
+    os.utime(objects.root / LOCK_KEY, (old, old))
+    with mutation_lock(objects, timeout_s=0.2, lease_s=3600) as owner:
+        assert json.loads(objects.read(LOCK_KEY))["owner"] == owner
+    assert not objects.exists(LOCK_KEY)
+
+
+def test_modified_is_the_time_of_the_last_write(any_objects):
+    any_objects.write("locks/x.json", b"1")
+    # S3's LastModified has one-second resolution; allow for that and a little clock skew from the server.
+    assert abs(any_objects.modified("locks/x.json") - time.time()) < 60
+    with pytest.raises(FileNotFoundError):
+        any_objects.modified("locks/absent.json")
+
+
+def test_delete_if_unchanged_deletes_only_the_bytes_compared(any_objects):
+    any_objects.write(LOCK_KEY, b"theirs")
+    assert not any_objects.delete_if_unchanged(LOCK_KEY, b"mine")
+    assert any_objects.read(LOCK_KEY) == b"theirs"
+    assert any_objects.delete_if_unchanged(LOCK_KEY, b"theirs")
+    assert not any_objects.exists(LOCK_KEY)
+    assert not any_objects.delete_if_unchanged(LOCK_KEY, b"theirs")  # already gone
+
+
+def test_s3_delete_if_unchanged_is_conditional_on_the_version_compared(s3_location):
+    uri, options = s3_location
+    objects = open_objects(uri, options)
+    objects.write(LOCK_KEY, b"stale")
+    real_call = objects._fs.call_s3
+
+    def replace_then_call(method, **kwargs):
+        if method == "delete_object":  # another process replaces the object between our GET and our DELETE
+            objects.write(LOCK_KEY, b"fresh")
+        return real_call(method, **kwargs)
+
+    objects._fs.call_s3 = replace_then_call
+    assert not objects.delete_if_unchanged(LOCK_KEY, b"stale")
+    objects._fs.call_s3 = real_call
+    assert objects.read(LOCK_KEY) == b"fresh"
+
+
+def test_a_stale_lock_is_broken_on_every_backend(any_objects):
+    any_objects.write(LOCK_KEY, STALE)
+    with mutation_lock(any_objects, timeout_s=1) as owner:
+        assert json.loads(any_objects.read(LOCK_KEY))["owner"] == owner
+    assert not any_objects.exists(LOCK_KEY)
+
+
+def test_two_processes_that_judge_the_same_lock_stale_do_not_both_take_it(tmp_path):
+    """B reads the stale holder, then is descheduled while A breaks the lock and takes it. B's delete must not
+    remove A's lock: B waits until A releases (the interleaving of /tmp/review-store/b09)."""
+    root = tmp_path / "store"
+    objects = LocalObjects(root)
+    objects.write(LOCK_KEY, STALE)
+    b_read_stale, a_holds = threading.Event(), threading.Event()
+    inside: list[str] = []
+    overlaps: list[tuple[str, ...]] = []
+
+    class PausesAfterReadingTheStaleHolder(LocalObjects):
+        def read(self, key):
+            data = super().read(key)
+            if key == LOCK_KEY and not b_read_stale.is_set():
+                b_read_stale.set()
+                a_holds.wait(5)
+            return data
+
+    def hold(name: str, objs: LocalObjects, seconds: float) -> None:
+        with mutation_lock(objs, timeout_s=5):
+            if inside:
+                overlaps.append((*inside, name))
+            inside.append(name)
+            if name == "A":
+                a_holds.set()
+            time.sleep(seconds)
+            inside.remove(name)
+
+    def a() -> None:
+        b_read_stale.wait(5)
+        hold("A", LocalObjects(root), 0.2)  # long enough for B to resume and (wrongly) break A's lock
+
+    b = threading.Thread(target=hold, args=("B", PausesAfterReadingTheStaleHolder(root), 0.0))
+    ta = threading.Thread(target=a)
+    b.start()
+    ta.start()
+    b.join(10)
+    ta.join(10)
+    assert a_holds.is_set() and not overlaps
+    assert not objects.exists(LOCK_KEY)
+
+
+def test_release_leaves_a_successors_lock_alone(objects):
+    successor = json.dumps({"owner": "next", "pid": os.getpid(), "host": "h", "acquired": time.time()}).encode()
+    with mutation_lock(objects, timeout_s=1):
+        # Our lease expired meanwhile; another process broke the lock and took it.
+        objects.delete(LOCK_KEY)
+        assert objects.write_new(LOCK_KEY, successor)
+    assert objects.read(LOCK_KEY) == successor

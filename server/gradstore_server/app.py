@@ -35,6 +35,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Loading weights and settling the journal are blocking: off the event loop, like everything else.
+        # (`gradstore serve` starts both before it binds its socket; starting again is a no-op.)
         await to_thread.run_sync(engine.start)
         try:
             await to_thread.run_sync(manager.start)

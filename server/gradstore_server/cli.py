@@ -1,10 +1,12 @@
 """The `serve` command: `gradstore serve` (registered by `add_serve_command`) and `python -m gradstore_server`.
 
 One uvicorn process, one worker: the process owns the model, and several workers would each hold (and
-publish) their own weights. With `--port 0` the operating system picks a free port; the bound address is
-printed on stdout (`gradstore-server listening on http://HOST:PORT`) before the model is loaded; connections
-are accepted once startup (model load, journal recovery) is done (poll `/healthz`). Exit codes: 0 after a
-clean shutdown, 2 for bad settings or an unusable address, 3 if startup failed.
+publish) their own weights. The store and the model are opened (and interrupted forgets and jobs settled)
+before the socket is bound, so that a bad store or model fails at once with one line on stderr. With `--port
+0` the operating system picks a free port; the bound address is printed on stdout (`gradstore-server listening
+on http://HOST:PORT`) once startup is done; poll `/healthz` for readiness. Exit codes: 0 after a clean
+shutdown, 2 for bad settings (including GRADSTORE_FORGET_CONFIG) or an unusable address, 3 if the store or
+the model could not be opened (or another server holds the model).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from .settings import Settings, SettingsError
+
+log = logging.getLogger("gradstore_server")
 
 
 def _storage_options(items: list[str] | None) -> dict[str, Any] | None:
@@ -75,23 +79,59 @@ def serve(args: argparse.Namespace) -> int:
     from .app import create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Binding here, not in uvicorn, is what lets port 0 work: the socket we hand over is the one we report.
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((settings.host, settings.port))
-    except OSError as err:
-        print(f"gradstore serve: cannot listen on {settings.host}:{settings.port}: {err}", file=sys.stderr)
+        app = create_app(settings)  # checks GRADSTORE_FORGET_CONFIG
+    except SettingsError as err:
+        print(f"gradstore serve: {err}", file=sys.stderr)
         return 2
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if family == socket.AF_INET6 else host
-    print(f"gradstore-server listening on http://{shown}:{port}", flush=True)
-    config = uvicorn.Config(create_app(settings), log_level=settings.log_level, workers=1,
-                            access_log=settings.access_log, timeout_graceful_shutdown=30)
-    server = uvicorn.Server(config)
-    server.run(sockets=[sock])
-    return 0 if server.started else 3  # 3: startup failed (store, model or lock; the log says which)
+    engine, jobs = app.state.engine, app.state.jobs
+    # Started here rather than in the application's startup (which then finds them started), so that a
+    # missing store, a model directory that is not one, or a model another server holds is one line on
+    # stderr and exit 3 before anything listens, instead of "listening" followed by uvicorn's traceback.
+    try:
+        engine.start()
+        jobs.start()
+    except Exception as err:
+        log.debug("startup failed", exc_info=True)
+        _stop(engine, jobs)
+        print(f"gradstore serve: cannot start: {_describe(err)}", file=sys.stderr)
+        return 3
+    try:
+        # Binding here, not in uvicorn, is what lets port 0 work: the socket we hand over is the one we report.
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((settings.host, settings.port))
+        except OSError as err:
+            sock.close()
+            print(f"gradstore serve: cannot listen on {settings.host}:{settings.port}: {err}", file=sys.stderr)
+            return 2
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if family == socket.AF_INET6 else host
+        print(f"gradstore-server listening on http://{shown}:{port}", flush=True)
+        config = uvicorn.Config(app, log_level=settings.log_level, workers=1, access_log=settings.access_log,
+                                timeout_graceful_shutdown=30)
+        server = uvicorn.Server(config)
+        server.run(sockets=[sock])
+        return 0 if server.started else 3  # 3: uvicorn's own startup failed (its log says why)
+    finally:
+        _stop(engine, jobs)  # the application's shutdown did this already when it ran; stopping is idempotent
+
+
+def _stop(engine: Any, jobs: Any) -> None:
+    jobs.stop()
+    engine.stop()  # releases (and removes) the model directory's lock file
+
+
+def _describe(err: BaseException) -> str:
+    from gradstore import GradStoreError
+
+    # Errors that say what is wrong with the store or the model are shown as they are; anything else with
+    # its type. One line either way (`--log-level debug` logs the traceback).
+    expected = isinstance(err, (GradStoreError, OSError, RuntimeError, ValueError))
+    text = str(err) if expected else f"{type(err).__name__}: {err}"
+    return " ".join(text.split()) or type(err).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,10 +37,11 @@ from gradstore._encoding import MAX_INT_ID, normalize_id
 from gradstore_kernels import topk_influence
 from gradstore_unlearn.evaluate import context_length
 from gradstore_unlearn.gradients import sparse_rows
+from gradstore_unlearn.tables import json_safe
 from gradstore_unlearn.train import load_model
-from gradstore_unlearn.unlearn import ForgetConfig, ForgetReport, Unlearner, model_hash
+from gradstore_unlearn.unlearn import ForgetConfig, ForgetError, ForgetReport, Unlearner, model_hash
 
-from .errors import ApiError, json_safe
+from .errors import ApiError
 from .rwlock import RWLock
 from .settings import Settings, SettingsError
 
@@ -60,8 +61,10 @@ class Snapshot:
     version: int
 
 
-if not callable(getattr(Unlearner, "_commit", None)):  # pragma: no cover - guards a library refactor
-    raise ImportError("gradstore_server needs Unlearner._commit (the library's save + erase + audit step)")
+# The library's private step the server builds on: `_commit` (save + erase + audit).
+for _name in ("_commit",):
+    if not callable(getattr(Unlearner, _name, None)):  # pragma: no cover - guards a library refactor
+        raise ImportError(f"gradstore_server needs Unlearner.{_name} (a step of the library's forget)")
 
 
 class _PublishingUnlearner(Unlearner):
@@ -101,8 +104,17 @@ class Engine:
             raise SettingsError(f"GRADSTORE_FORGET_CONFIG: {err}") from None
 
     # ------------------------------------------------------------------------------------------ lifecycle
+    @property
+    def started(self) -> bool:
+        return self._snapshot is not None
+
     def start(self) -> None:
-        """Open the store and the model; let the library finish or roll back an interrupted forget."""
+        """Open the store and the model; let the library finish or roll back an interrupted forget.
+
+        Idempotent: `gradstore serve` starts the engine before it binds its socket (so that a bad store or
+        model fails fast, with one line), and the application's startup then finds it started."""
+        if self.started:
+            return
         self._take_model_lock()
         try:
             self.store = GradStore.open(self.settings.store, storage_options=self.settings.storage_options)
@@ -127,17 +139,35 @@ class Engine:
         path = Path(self.settings.model)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a saved model (no config.json)")
-        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        lock_path = path / LOCK_FILE
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RuntimeError(f"another gradstore server is serving the model in {path}") from None
+            # The holder removes the file when it lets go (`_release_model_lock`). If that happened between
+            # our open and our flock, we hold a lock on a file nobody else will open: take the current one.
+            try:
+                current = os.stat(lock_path)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(fd)
+            if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                break
             os.close(fd)
-            raise RuntimeError(f"another gradstore server is serving the model in {path}") from None
         self._lock_file = fd
 
     def _release_model_lock(self) -> None:
         if self._lock_file is not None:
-            os.close(self._lock_file)  # closing the descriptor releases the flock (a SIGKILL does too)
+            # Removed while still held, so that no model directory keeps a stale lock file after a clean stop
+            # or a failed start (a SIGKILL leaves it behind, harmlessly: the flock dies with the process).
+            try:
+                os.unlink(Path(self.settings.model) / LOCK_FILE)
+            except FileNotFoundError:
+                pass
+            os.close(self._lock_file)  # closing the descriptor releases the flock
             self._lock_file = None
 
     def _new_writer(self, model: torch.nn.Module) -> _PublishingUnlearner:
@@ -201,11 +231,8 @@ class Engine:
 
     def influence_by_id(self, example_id: Any, k: int) -> list[tuple[Any, float]]:
         with self.reading() as snap:
-            key = normalize_id(example_id)
-            if key not in self.store:
-                raise ErasedError(key) if self.store.is_erased(key) else UnknownIdError(key)
-            # Under the read lock the ID stays live, so the library takes the ID path (not the text one).
-            return snap.unlearner.influence(key, k)
+            # query_type="id": an unknown or erased ID raises (404 / 409) instead of being scored as a text.
+            return snap.unlearner.influence(normalize_id(example_id), k, query_type="id")
 
     def influence_by_text(self, text: str, k: int) -> tuple[int, list[tuple[Any, float]]]:
         """(tokens in the query, the k most influential stored examples) for a text on the current model."""
@@ -259,6 +286,19 @@ class Engine:
         with self.reading() as snap:
             return snap.unlearner.find(text, threshold, metric=metric, limit=None)
 
+    def check_request_id(self, request_id: str, ids: Sequence[Any]) -> bool:
+        """Whether the library completed `request_id` (say from the command line) for these IDs; 409 if it
+        completed it for other examples.
+
+        The server's own jobs claim their request ids in the job journal; a request the library completed
+        outside the server has no claim there, only the library's record, which the library would refuse to
+        reuse for other IDs (and replays for the same ones). Asked before a job is queued, and when it runs."""
+        with self.reading() as snap:
+            try:
+                return snap.unlearner.completed_request(request_id, ids) is not None
+            except ForgetError as err:
+                raise ApiError(409, "request_id_conflict", str(err)) from None
+
     def dry_run(self, ids: Sequence[Any], mode: str, request_id: str) -> ForgetReport:
         with self.reading() as snap:
             return snap.unlearner.forget(list(ids), mode=mode, request_id=request_id, dry_run=True)
@@ -274,6 +314,9 @@ class Engine:
                 # leaves the writer's copy at its best admissible point, which was never published.
                 with torch.no_grad():
                     self._writer.model.load_state_dict(published.state_dict())
+            # Checked at submission too; again here, because the command line may have completed the
+            # request id in the meantime (the library would refuse too, but as a plain invalid input).
+            self.check_request_id(request_id, ids)
             return self._writer.forget(list(ids), mode=mode, request_id=request_id)
 
     def _commit_and_publish(self, commit: Callable[[], None], report: ForgetReport) -> None:

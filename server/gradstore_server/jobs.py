@@ -15,7 +15,8 @@ Recovery (`JobManager.start`, after `Engine.start` has let the library settle th
 
 - the library journals each forget between "weights saved" and "examples erased" and, on open, finishes
   it (weights on disk are the after-state) or drops it (before-state), writing `requests/<request id>.json`
-  when it finishes. So a job whose request has that record is `completed` with the library's report;
+  when it finishes. So a job whose request has that record is `completed` with the library's report (or
+  `failed` with `request_id_conflict` if that record is of other examples: the command line used the id);
 - any other `running` job changed nothing on disk (its weights never replaced the old ones). It runs again,
   unless it has already been started `job_max_attempts` times — a job that keeps killing the server is
   `rolled_back` (before-state, nothing erased) and must be resubmitted;
@@ -36,10 +37,11 @@ import time
 import uuid
 from typing import Any
 
+from gradstore_unlearn.tables import json_safe
 from gradstore_unlearn.unlearn import REQUESTS, ForgetReport
 
 from .engine import Engine
-from .errors import ApiError, json_safe, library_error
+from .errors import ApiError, library_error
 from .settings import Settings
 
 log = logging.getLogger("gradstore_server")
@@ -116,7 +118,11 @@ class JobManager:
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> list[str]:
-        """Settle the journal (see the module docstring), then start the runner. Returns re-queued job ids."""
+        """Settle the journal (see the module docstring), then start the runner. Returns re-queued job ids.
+
+        Idempotent (see `Engine.start`): a second call returns []."""
+        if self._thread is not None:
+            return []
         records = []
         for name in self.objects.list_dir(JOBS):
             if name.endswith(".json") and JOB_ID.fullmatch(name[: -len(".json")]):
@@ -139,7 +145,13 @@ class JobManager:
             doc = json.loads(self.objects.read(f"{REQUESTS}/{record['request_id']}.json"))
         except FileNotFoundError:
             doc = None
-        if doc is not None:  # the library committed it (possibly in its own recovery just now)
+        if doc is not None:  # the library committed it (possibly in its own recovery just now)...
+            try:  # ...unless someone else (the command line) completed this request id for other examples
+                self.engine.check_request_id(record["request_id"], record.get("pending_ids") or [])
+            except ApiError as err:
+                self._finish(record, "failed", error={"code": err.code, "message": err.message})
+                log.warning("job %s: %s", record["job_id"], err.message)
+                return False
             self._finish(record, "completed", result=result_of(ForgetReport.from_dict(doc)))
             log.info("job %s: completed before the restart", record["job_id"])
             return False
@@ -194,10 +206,11 @@ class JobManager:
                 present, already = ids, []
             else:
                 present, already = self.engine.plan_ids(request.ids)
-                if not present:
-                    raise ApiError(409, "already_erased", "every requested ID was already erased: "
-                                   + ", ".join(repr(i) for i in already[:10]) + ("..." if len(already) > 10 else ""),
-                                   ids=already)
+            replay = self._completed_elsewhere(request.request_id, present + already)
+            if not present and not replay:
+                raise ApiError(409, "already_erased", "every requested ID was already erased: "
+                               + ", ".join(repr(i) for i in already[:10]) + ("..." if len(already) > 10 else ""),
+                               ids=already)
             mode = request.mode or self.settings.default_mode
             job_id = uuid.uuid4().hex
             now = time.time()
@@ -224,6 +237,12 @@ class JobManager:
                 self._enqueue(job_id)
             out["matches"] = matches
             return out, True
+
+    def _completed_elsewhere(self, request_id: str | None, ids: list[Any]) -> bool:
+        """True if the library completed `request_id` for exactly these IDs without a job of ours (the command
+        line's `gradstore forget --request-id`): the job replays that report. For other IDs that is the same
+        conflict as a request id reused here: 409 `request_id_conflict`."""
+        return request_id is not None and self.engine.check_request_id(request_id, ids)
 
     def _fingerprint(self, request: Any) -> str:
         # Salted (the store's ID hash), so that a text's fingerprint cannot be recomputed from a guess.

@@ -5,24 +5,33 @@
     gradstore corpus --out DIR [--size ...]                     the built-in corpus and its splits
     gradstore train --store URI --out DIR [...]                 train with capture into a store
     gradstore forget --store URI --model DIR (--ids ... | --ids-file F | --text T) [...]
-    gradstore find --store URI --text T                         fuzzy matching of stored examples
+    gradstore find --store URI --model DIR --text T             fuzzy matching of stored examples
     gradstore influence --store URI --model DIR (--text T | --id ID) [--k N]
     gradstore audit --store URI                                 the forget audit log
     gradstore serve --store URI --model DIR                     the HTTP server
 
-Each command prints a table, or JSON with `--json`. Heavy modules are imported inside the commands, so that
-`gradstore --help` and `gradstore info` start fast.
+Each command prints a table, or strict JSON with `--json` (values that were not measured, NaN in a report, are
+null). IDs on the command line are strings or integers: `--id-type auto` (the default) reads "3" as the
+string ID "3" if the store holds one, else as the integer 3; `--id-type int` / `str` say which.
+
+Exit codes: 0 success, 2 bad input (an unknown ID, a missing or unreadable file, a bad value), 3 a forget that
+did not reach its target, 130 interrupted, 141 output closed early (`gradstore info STORE | head -1`).
+Heavy modules are imported inside the commands, so that `gradstore --help` and `gradstore info` start fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .tables import format_pairs, format_table
+from .tables import format_pairs, format_table, json_safe
+
+ID_TYPES = ("auto", "int", "str")
 
 
 def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -43,9 +52,41 @@ def _add_store_options(parser: argparse.ArgumentParser) -> None:
 
 def _print(args: argparse.Namespace, data: Any, text: str) -> None:
     if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, default=str))
+        _print_json(data)
     else:
         print(text)
+
+
+def _print_json(data: Any) -> None:
+    # Strict JSON: Python's default writes NaN / Infinity, which JSON parsers (jq, JSON.parse) reject.
+    print(json.dumps(json_safe(data), indent=2, allow_nan=False))
+
+
+# Argument types: a bad value is an argparse usage error (exit 2, naming the option) before anything runs.
+def _int_at_least(low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _fraction(*, allow_zero: bool) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (0 <= value <= 1) or (value == 0 and not allow_zero):  # NaN fails the first test too
+            raise argparse.ArgumentTypeError(f"must lie in {'[0, 1]' if allow_zero else '(0, 1]'}, got {text}")
+        return value
+
+    return parse
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -70,21 +111,39 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve_id(store: Any, text: str) -> Any:
-    """A command-line ID: the string as given if the store holds it, else the integer it spells, if any."""
-    if text in store or not text.isdigit():
+def _resolve_id(store: Any, text: str, id_type: str = "auto") -> Any:
+    """A command-line ID. `auto`: the string as given if the store holds it, else the integer it spells, if
+    any, else the string; `int` / `str`: exactly that (so that the integer 3 is reachable where the store
+    also holds the string "3")."""
+    if id_type == "str":
+        return text
+    spells_int = text.isascii() and text.isdigit()
+    if id_type == "int":
+        if not spells_int:
+            raise ValueError(f"--id-type int: {text!r} is not a non-negative integer")
+        return int(text)
+    if text in store or not spells_int:
         return text
     return int(text)
+
+
+def _load_model(model_dir: str) -> tuple[Any, Any]:
+    from transformers.utils import logging as hf_logging
+
+    from .train import load_model
+
+    # transformers draws a "Loading weights" bar on stderr for every load: noise around a one-line error.
+    hf_logging.disable_progress_bar()
+    return load_model(model_dir)
 
 
 def _open_engine(args: argparse.Namespace, *, need_model: bool = True) -> Any:
     from gradstore import GradStore
 
-    from .train import load_model
     from .unlearn import ForgetConfig, Unlearner
 
     store = GradStore.open(args.store, storage_options=_storage_options(args))
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _load_model(args.model)
     holdout = None
     if getattr(args, "holdout", None):
         from .data import encode_documents, read_user_jsonl
@@ -114,6 +173,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import MODEL_SIZES, TrainConfig, build_model, save_model, train_model
     from .unlearn import save_reference_set
 
+    # Checked before anything is read or written: a bad value must not leave a half-created store behind.
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    config.validate()
     preset = data.CORPUS_SIZES[args.size]
     if args.data:
         documents = data.read_user_jsonl(args.data)
@@ -132,9 +194,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         store = GradStore.create(args.store, dim=model.config.n_embd, vocab_size=len(tokenizer), dtype=args.dtype,
                                  model_id=f"gpt2-{args.size}", capture_policy=args.capture, storage_options=options)
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device,
-                         pad_token_id=tokenizer.pad_token_id,
-                         autocast_dtype="bfloat16" if device == "cuda" else None)
+    config = dataclasses.replace(config, device=device, pad_token_id=tokenizer.pad_token_id,
+                                 autocast_dtype="bfloat16" if device == "cuda" else None)
     result = train_model(model, sequences, [d.id for d in documents], config, store=store,
                          capture_policy=args.capture, progress=not args.json)
     save_model(model, tokenizer, args.out, extra={"train": config.to_dict(), "result": result.to_dict()})
@@ -159,7 +220,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         if args.ids_file:
             with open(args.ids_file, encoding="utf-8") as f:
                 raw += [line.strip() for line in f if line.strip()]
-        ids = [_resolve_id(engine.store, i) for i in raw]
+        ids = [_resolve_id(engine.store, i, args.id_type) for i in raw]
         report = engine.forget(ids, mode=args.mode, dry_run=args.dry_run, request_id=args.request_id)
     _print(args, report.to_dict(), report.to_table())
     return 0 if report.status in ("forgotten", "dry_run", "nothing_to_do") else 3
@@ -171,12 +232,9 @@ def cmd_find(args: argparse.Namespace) -> int:
     from .fuzzy import ShingleIndex
 
     store = GradStore.open(args.store, storage_options=_storage_options(args), read_only=True)
-    if args.model:
-        from .train import load_model
-
-        _, tokenizer = load_model(args.model)
-    else:
-        raise SystemExit("gradstore find: --model DIR is needed for its tokenizer")
+    _, tokenizer = _load_model(args.model)  # the store holds token IDs only: the text needs the model's tokenizer
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer (tokenizer.json): find cannot encode the text")
     tokens = tokenizer(args.text, add_special_tokens=False)["input_ids"]
     matches = ShingleIndex().add_store(store).query(tokens, args.threshold, metric=args.metric, limit=args.limit)
     rows = [(m.id, round(m.jaccard, 4), round(m.containment, 4)) for m in matches]
@@ -187,8 +245,11 @@ def cmd_find(args: argparse.Namespace) -> int:
 
 def cmd_influence(args: argparse.Namespace) -> int:
     engine = _open_engine(args)
-    query = args.text if args.text is not None else _resolve_id(engine.store, args.id)
-    pairs = engine.influence(query, args.k)
+    # Say which: with query_type "auto" an ID the store does not hold would be scored as a text instead.
+    if args.text is not None:
+        pairs = engine.influence(args.text, args.k, query_type="text")
+    else:
+        pairs = engine.influence(_resolve_id(engine.store, args.id, args.id_type), args.k, query_type="id")
     _print(args, [{"id": i, "score": v} for i, v in pairs],
            format_table(["id", "score"], pairs, title=f"top {len(pairs)} by embedding-gradient dot product"))
     return 0
@@ -212,7 +273,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     report = run_demo(args.out, args.size, retrain=args.retrain, seed=args.seed, device=args.device)
     if args.json:
-        print(json.dumps({k: report[k] for k in ("checks", "seconds", "requests")}, indent=2, default=str))
+        _print_json({k: report[k] for k in ("checks", "seconds", "requests")})
     return 0
 
 
@@ -266,7 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--ids", nargs="+", metavar="ID")
     which.add_argument("--ids-file", metavar="FILE", help="one ID per line")
     which.add_argument("--text", help="forget every stored example that matches this text")
-    forget.add_argument("--threshold", type=float, default=0.5, help="similarity threshold for --text")
+    forget.add_argument("--id-type", default="auto", choices=ID_TYPES,
+                        help="how to read --ids / --ids-file: auto (a string the store holds, else an integer), "
+                             "int or str")
+    # Above 0, as in the server: at 0 every stored example would match the text.
+    forget.add_argument("--threshold", type=_fraction(allow_zero=False), default=0.5,
+                        help="similarity threshold for --text, in (0, 1]")
     forget.add_argument("--mode", default="first_epoch", choices=["first_epoch", "iterative"])
     forget.add_argument("--holdout", metavar="FILE.jsonl", help="never-trained texts: the calibration target "
                         "(default: the store's reference set)")
@@ -278,11 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     find = sub.add_parser("find", help="stored examples matching a text (fuzzy)")
     find.add_argument("--store", required=True)
-    find.add_argument("--model", help="model directory, for its tokenizer")
+    find.add_argument("--model", required=True, help="model directory, for its tokenizer")
     find.add_argument("--text", required=True)
-    find.add_argument("--threshold", type=float, default=0.5)
+    find.add_argument("--threshold", type=_fraction(allow_zero=True), default=0.5, help="in [0, 1]")
     find.add_argument("--metric", default="jaccard", choices=["jaccard", "containment"])
-    find.add_argument("--limit", type=int, default=20)
+    find.add_argument("--limit", type=_int_at_least(1), default=20)
     find.add_argument("--json", action="store_true")
     _add_store_options(find)
     find.set_defaults(func=cmd_find)
@@ -291,9 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     influence.add_argument("--store", required=True)
     influence.add_argument("--model", required=True)
     target = influence.add_mutually_exclusive_group(required=True)
-    target.add_argument("--text")
-    target.add_argument("--id")
-    influence.add_argument("--k", type=int, default=10)
+    target.add_argument("--text", help="a text, scored on the current model")
+    target.add_argument("--id", help="a stored example (its first-epoch gradient)")
+    influence.add_argument("--id-type", default="auto", choices=ID_TYPES,
+                           help="how to read --id: auto (a string the store holds, else an integer), int or str")
+    influence.add_argument("--k", type=_int_at_least(1), default=10)
     influence.add_argument("--json", action="store_true")
     _add_store_options(influence)
     influence.set_defaults(func=cmd_influence)
@@ -319,12 +387,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except (GradStoreError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"gradstore: {err}", file=sys.stderr)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, not at exit: a closed pipe must surface where it is handled below
+        return code
+    except BrokenPipeError:
+        # The reader went away (`gradstore info STORE | head -1`): stop quietly, like a command killed by
+        # SIGPIPE. Point stdout at /dev/null so that the interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (GradStoreError, OSError, ValueError) as err:
+        # Input errors (an unknown ID, a path that is a directory or missing, a bad value): one line, no trace.
+        print(f"gradstore: {_describe(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _describe(err: Exception) -> str:
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        where = f"{err.filename} -> {err.filename2}" if err.filename2 is not None else str(err.filename)
+        return f"{where}: {err.strerror}"  # "/tmp: Is a directory", not "[Errno 21] Is a directory: '/tmp'"
+    return str(err) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -1,9 +1,36 @@
-"""Plain-text tables for the command line (aligned columns, no dependencies)."""
+"""Output for the command line and the HTTP server: plain-text tables (aligned columns) and strict JSON values.
+
+No dependencies, so that the command line can use it without the server's.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with non-finite floats as None and numpy scalars as Python numbers (JSON has no NaN).
+
+    A report's losses are NaN or infinite where nothing was measured (no retain examples left, say); strict
+    JSON parsers reject `NaN`, so the command line's `--json` and the server's responses say null instead.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    item = getattr(value, "item", None)  # numpy / torch scalars
+    if callable(item):
+        try:
+            return json_safe(item())
+        except (TypeError, ValueError):
+            pass
+    return str(value)
 
 
 def format_value(value: Any) -> str:

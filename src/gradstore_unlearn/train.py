@@ -66,6 +66,17 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def validate(self) -> None:
+        """Raise ValueError naming the first value that cannot train (zero epochs would save an untrained
+        model; a zero batch size divides by zero half-way through setting up)."""
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr)
+                                                                                     and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+
 
 @dataclass
 class TrainResult:
@@ -104,6 +115,7 @@ def train_model(model: transformers.PreTrainedModel, sequences: Sequence[Sequenc
     decays with a cosine to 10%. With a store, each example's gradient rows are captured as the capture
     policy says (by default, the store's: `first`).
     """
+    config.validate()
     if len(sequences) != len(ids):
         raise ValueError(f"{len(sequences)} sequences but {len(ids)} ids")
     device = torch.device(config.device)

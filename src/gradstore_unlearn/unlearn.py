@@ -57,7 +57,7 @@ from gradstore._encoding import normalize_id
 from gradstore_kernels import ascent_score, topk_influence
 
 from .capture import epoch_record_id, is_later_epoch_record
-from .evaluate import sequence_losses
+from .evaluate import context_length, sequence_losses
 from .fuzzy import Match, ShingleIndex
 from .gradients import embedding_gradient, inverse_hvp, sparse_rows
 from .tables import format_pairs
@@ -65,6 +65,7 @@ from .tables import format_pairs
 log = logging.getLogger("gradstore_unlearn")
 
 MODES = ("first_epoch", "iterative")
+QUERY_TYPES = ("auto", "id", "text")
 LAYERS = ("embedding", "last2", "all")
 REQUESTS = "requests"  # requests/<request id>.json: the report of each completed request (idempotency)
 FORGET_JOURNAL = "forget-journal"  # forget-journal/<request id>.json: a request between model save and erase
@@ -396,6 +397,23 @@ class Unlearner:
             raise UnknownIdError(unknown[0], f"cannot forget unknown ID {unknown[0]!r}: not in the store{more}")
         return present, already
 
+    def completed_request(self, request_id: str, ids: Sequence[Any]) -> ForgetReport | None:
+        """The report of `request_id` if it was completed (its persisted copy: IDs as salted hashes), else None.
+
+        A request id names one request: asking for it again with other examples than it forgot raises
+        `ForgetError` (its report keeps the hashes of the IDs it named).
+        """
+        done = self._completed(request_id)
+        if done is not None:
+            self._check_same_examples(done, [normalize_id(i) for i in ids])
+        return done
+
+    def _check_same_examples(self, done: ForgetReport, keys: list[Any]) -> None:
+        asked = {self.store.id_hash(k) for k in keys}
+        if asked != set(done.ids) | set(done.already_forgotten):
+            raise ForgetError(f"request id {done.request_id!r} was already used for a different set of examples; "
+                              "a repeated request must name the same IDs (or use a new request id)")
+
     def _completed(self, request_id: str) -> ForgetReport | None:
         try:
             doc = json.loads(self.store.objects.read(f"{REQUESTS}/{request_id}.json"))
@@ -408,12 +426,12 @@ class Unlearner:
         """Forget the examples with these IDs (see the module docstring). Idempotent per `request_id`."""
         if mode not in MODES:
             raise ForgetError(f"unknown mode {mode!r}; choose one of {MODES}")
-        if request_id is not None:
-            done = self._completed(request_id)
+        present, already = self.resolve(ids)
+        if request_id is not None and not dry_run:
+            done = self.completed_request(request_id, present + already)
             if done is not None:
                 return done
         request_id = request_id or uuid.uuid4().hex
-        present, already = self.resolve(ids)
         if dry_run or not present:
             return ForgetReport(request_id, "dry_run" if dry_run else "nothing_to_do", mode, ids=present,
                                 already_forgotten=already,
@@ -800,26 +818,45 @@ class Unlearner:
         return matches, self.forget([m.id for m in matches], mode=mode, request_id=request_id, dry_run=dry_run)
 
     # ------------------------------------------------------------------------------------- influence
-    def query_rows(self, query: str | Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """A query's sparse embedding rows: a stored ID's first-epoch rows, or a text's on the current model."""
-        if isinstance(query, str) and query not in self.store:
+    def _query_is_id(self, query: Any, query_type: str) -> bool:
+        if query_type not in QUERY_TYPES:
+            raise ForgetError(f"query_type must be one of {QUERY_TYPES}, got {query_type!r}")
+        if query_type == "auto":
+            return not isinstance(query, str) or query in self.store
+        if query_type == "text" and not isinstance(query, str):
+            raise ForgetError(f"a text query must be a string, got {type(query).__name__}")
+        return query_type == "id"
+
+    def query_rows(self, query: str | Any, query_type: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """A query's sparse embedding rows (token ids int64 [k], rows float32 [k, D]): a stored example's
+        first-epoch rows, or a text's gradient rows on the current model.
+
+        query_type: "id" (unknown or erased IDs raise), "text", or "auto" (a stored ID if there is one by that
+        name, else text -- ambiguous where a text could also be an ID; the command line and the server say which).
+        """
+        if not self._query_is_id(query, query_type):
             sequence = self._encode(query)
             if len(sequence) < 2:
                 raise ForgetError("the query text is a single token: it has no next-token loss to take a gradient of")
+            limit = context_length(self.model)
+            if limit is not None and len(sequence) > limit:
+                raise ForgetError(f"the query text is {len(sequence)} tokens; the model reads at most {limit}")
             return sparse_rows(self.model, sequence, pad_token_id=self.pad_token_id)
         example = self.store.get(query)
         return example.token_ids, example.dequantized()
 
-    def influence(self, query: str | Any, k: int = 10, *, exclude_self: bool = True) -> list[tuple[Any, float]]:
+    def influence(self, query: str | Any, k: int = 10, *, exclude_self: bool = True, query_type: str = "auto"
+                  ) -> list[tuple[Any, float]]:
         """The k stored examples whose embedding-row gradients have the largest dot product with the query's.
 
         A positive score means a step on that example would also have lowered the query's loss (they pull the
         model the same way). Streams the store through `topk_influence`; nothing larger than a batch is held.
+        `query_type` as in `query_rows`.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ForgetError(f"k must be a positive integer, got {k!r}")
-        tokens, rows = self.query_rows(query)
-        own = query if not isinstance(query, str) or query in self.store else None
+        tokens, rows = self.query_rows(query, query_type)
+        own = query if self._query_is_id(query, query_type) else None
         batches: Iterable[Any] = self.store.iter_batches(256)
         if self.store.config.capture.get("policy") == "all":
             # Rank examples, not per-epoch records: each example by its first-epoch record, as forget applies it.

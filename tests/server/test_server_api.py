@@ -289,6 +289,25 @@ def test_forget_rejects_malformed_requests(client, body):
     assert_error(client.post("/v1/forget", json=body), 422, "invalid_request")
 
 
+@pytest.mark.parametrize(("path", "body", "where", "says"), [
+    ("/v1/forget", {"text": "Alice", "threshold": 0}, ["body", "ForgetByText", "threshold"], "greater than 0"),
+    ("/v1/forget", {"text": "Alice", "metric": "cosine"}, ["body", "ForgetByText", "metric"], "jaccard"),
+    ("/v1/forget", {"ids": [1.5]}, ["body", "ForgetByIds", "ids", 0], ""),
+    ("/v1/forget", {"ids": [1], "text": "both"}, ["body", "ForgetByIds", "text"], "Extra inputs"),
+    ("/v1/forget", {"mode": "iterative"}, ["body"], "needs `ids` (a list of IDs) or `text`"),
+    ("/v1/influence", {"text": "Alice", "k": 0}, ["body", "InfluenceByText", "k"], "greater than or equal to 1"),
+    ("/v1/influence", {"id": 1, "k": 0}, ["body", "InfluenceById", "k"], "greater than or equal to 1"),
+    ("/v1/influence", [1], ["body"], "needs `id` (a stored example) or `text`"),
+])
+def test_validation_errors_name_the_real_problem(client, path, body, where, says):
+    """A body is validated against the one schema its `ids` / `id` / `text` field picks, so that its errors are
+    about it (not "ids: field required" for a by-text body with a bad threshold)."""
+    error = assert_error(client.post(path, json=body), 422, "invalid_request")
+    assert error["details"][0]["loc"][: len(where)] == where
+    assert all(d["loc"][:2] == where[:2] for d in error["details"]), error["details"]
+    assert says in error["message"] and error["message"].startswith(".".join(map(str, where[:3])))
+
+
 def test_pending_job_records_hold_ids_finished_ones_only_hashes(client, workspace):
     job = forget(client, {"ids": ["rec-8"], "mode": "iterative"})
     wait_job(client, job["job_id"])

@@ -14,6 +14,7 @@ from server_support import API_KEY, COMMIT_FORGET, wait_job
 
 from gradstore import GradStore
 from gradstore_server import create_app
+from gradstore_server.errors import ApiError
 from gradstore_unlearn import unlearn
 from gradstore_unlearn.train import load_model
 from gradstore_unlearn.unlearn import ForgetConfig, Unlearner, model_hash
@@ -126,11 +127,14 @@ def test_crash_inside_the_commit(workspace, monkeypatch, where):
 
 
 def test_one_server_per_model_directory(workspace):
+    lock = workspace.model / ".gradstore-server.lock"
     with serve(workspace) as client:
-        assert client.get("/healthz").status_code == 200
+        assert client.get("/healthz").status_code == 200 and lock.exists()
         with pytest.raises(RuntimeError, match="another gradstore server"), serve(workspace):
             pass
-    with serve(workspace) as client:  # released on shutdown
+        assert lock.exists()  # the refused server leaves the holder's lock alone
+    assert not lock.exists()  # released, and removed, on shutdown
+    with serve(workspace) as client:
         assert client.get("/healthz").status_code == 200
 
 
@@ -156,3 +160,47 @@ def test_a_failed_commit_degrades_until_restart(workspace, monkeypatch):
         assert not GradStore.open(workspace.store).objects.list_dir("forget-journal")
         job = wait_job(client, client.post("/v1/forget", json={"ids": [27]}).json()["job_id"])
         assert job["status"] == "completed" and job["result"]["model_hash_before"] == before
+
+
+def complete_outside_the_server(workspace, ids: list, request_id: str) -> unlearn.ForgetReport:
+    """What `gradstore forget --request-id R` does: the library forgets and records request R in the store."""
+    model, tokenizer = load_model(workspace.model)
+    engine = Unlearner(model, GradStore.open(workspace.store), tokenizer=tokenizer, model_dir=workspace.model,
+                       config=ForgetConfig(**COMMIT_FORGET))
+    report = engine.forget(ids, request_id=request_id)
+    assert report.status == "forgotten"
+    return report
+
+
+def test_a_request_id_the_command_line_completed(workspace):
+    """The server's journal has no claim on a request id the command line used; the library's record does.
+    Other IDs under it are the documented conflict (never a "completed" job that forgot nothing); the same
+    IDs replay the command line's report."""
+    report = complete_outside_the_server(workspace, [17], "cli-1")
+    with serve(workspace) as client:
+        for body in ({"ids": [18], "request_id": "cli-1"}, {"ids": [17, 18], "request_id": "cli-1"},
+                     {"ids": [18], "request_id": "cli-1", "dry_run": True}):
+            refused = client.post("/v1/forget", json=body)
+            assert refused.status_code == 409 and refused.json()["code"] == "request_id_conflict", body
+            assert "cli-1" in refused.json()["message"]
+        assert client.get("/v1/examples/18").status_code == 200
+        replay = client.post("/v1/forget", json={"ids": [17], "request_id": "cli-1"})
+        assert replay.status_code == 202, replay.text
+        job = wait_job(client, replay.json()["job_id"])
+        assert job["status"] == "completed" and job["result"]["status"] == "forgotten"
+        assert job["result"]["model_hash_after"] == report.model_hash_after
+        # The check runs again when a job runs (the command line may complete the id after the submission).
+        with pytest.raises(ApiError, match="different set of examples") as refused_at_run:
+            client.app.state.engine.forget([19], "first_epoch", "cli-1")
+        assert refused_at_run.value.code == "request_id_conflict"
+        assert client.get("/v1/examples/19").status_code == 200
+
+
+def test_a_pending_job_whose_request_id_the_command_line_completed_fails(workspace):
+    store = GradStore.open(workspace.store)
+    record = pending_record(store, [24], status="queued", attempts=0, request_id="cli-2")
+    complete_outside_the_server(workspace, [25], "cli-2")  # while the server was down
+    with serve(workspace) as client:
+        job = wait_job(client, record["job_id"])
+        assert job["status"] == "failed" and job["error"]["code"] == "request_id_conflict"
+        assert client.get("/v1/examples/24").status_code == 200

@@ -88,3 +88,22 @@ def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "gradstore_server", "--help"], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     assert "--store" in out and "--port" in out and "GRADSTORE_API_KEYS" in out
+
+
+@pytest.mark.parametrize(("where", "code", "message"), [
+    ("store", 3, "gradstore serve: cannot start: no store at"),
+    ("model", 3, "is not a saved model (no config.json)"),
+    ("forget_config", 2, "gradstore serve: GRADSTORE_FORGET_CONFIG:"),
+])
+def test_serve_fails_before_listening(workspace, monkeypatch, capsys, where, code, message):
+    """A bad store, model or forget config: one line and the documented exit code, before the socket is bound
+    (no "listening", no traceback), and no lock file left in the model directory."""
+    monkeypatch.setenv("GRADSTORE_API_KEYS", API_KEY)
+    monkeypatch.setenv("GRADSTORE_FORGET_CONFIG", '{"no_such_field": 1}' if where == "forget_config" else "{}")
+    store = workspace.store.parent / "missing" if where == "store" else workspace.store
+    model = workspace.store if where == "model" else workspace.model
+    assert main(["--store", str(store), "--model", str(model), "--port", "0"]) == code
+    out, err = capsys.readouterr()
+    assert "listening" not in out
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (workspace.model / ".gradstore-server.lock").exists()

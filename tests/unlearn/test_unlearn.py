@@ -158,6 +158,11 @@ def test_requests_are_idempotent_and_already_forgotten_ids_are_reported(world):
     later = unlearner.forget(["r4"], mode="iterative")
     assert later.status == "nothing_to_do" and later.already_forgotten == ["r4"]
     assert model_hash(world.model) == state
+    # A request id names one request: reused for other examples it is refused, not answered with the old report.
+    with pytest.raises(ForgetError, match="already used for a different set of examples"):
+        unlearner.forget(["r5"], mode="iterative", request_id="req-1")
+    assert "r5" in world.store and model_hash(world.model) == state
+    assert unlearner.forget(["r5"], request_id="req-1", dry_run=True).status == "dry_run"  # a dry run looks afresh
 
 
 def test_five_sequential_requests_each_act_on_the_current_model(world):
@@ -269,6 +274,12 @@ def test_influence_ranks_stored_examples_by_gradient_dot_product(world):
     assert unlearner.self_influence("r3") > 0
     with pytest.raises(ForgetError, match="k must be a positive integer"):
         unlearner.influence("r3", k=0)
+    # Which kind of query it is can be said: an unknown ID is then an error, not a text, and a text is a text.
+    with pytest.raises(UnknownIdError):
+        unlearner.influence("no-such-id", k=2, query_type="id")
+    assert unlearner.influence(" ".join(map(str, world.train["r3"])), k=3, query_type="text") == by_text
+    with pytest.raises(ForgetError, match="the model reads at most"):
+        unlearner.influence(" ".join(["7"] * 10_000), k=2, query_type="text")
 
 
 def test_hessian_vector_products_match_an_explicit_hessian():

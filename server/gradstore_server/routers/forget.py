@@ -3,8 +3,10 @@
 Answers 202 with a new job (poll `GET /v1/jobs/{job_id}`), or 200 with the original job when the
 `request_id` was seen before. Checked before a job is created: unknown IDs (404, naming them), a request
 whose IDs were *all* erased already (409; a mix forgets the live ones and counts the others in
-`result.n_already_forgotten`), a text that matches nothing (404). A dry run is answered at once: its job
-is already completed and its response lists the IDs that would be forgotten.
+`result.n_already_forgotten`), a text that matches nothing (404), a `request_id` used before for a
+different request, here or by `gradstore forget --request-id` for other IDs (409 `request_id_conflict`).
+A dry run is answered at once: its job is already completed and its response lists the IDs that would be
+forgotten.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Response
 
 from ..jobs import JobManager
-from ..schemas import ForgetByIds, ForgetByText, Job
+from ..schemas import ForgetBody, Job
 from . import errors, get_jobs
 
 router = APIRouter(tags=["forget"])
@@ -24,7 +26,7 @@ router = APIRouter(tags=["forget"])
              responses={200: {"model": Job, "description": "a repeated request_id: the original job"},
                         **errors(401, 404, 409, 413, 422, 500, 503)},
              summary="Forget examples (asynchronous job)")
-def forget(body: Annotated[ForgetByIds | ForgetByText, Body()], response: Response,
+def forget(body: Annotated[ForgetBody, Body()], response: Response,
            jobs: JobManager = Depends(get_jobs)) -> dict[str, Any]:
     job, created = jobs.submit(body)
     if not created:

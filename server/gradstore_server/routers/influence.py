@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends
 
 from ..engine import Engine
-from ..schemas import InfluenceById, InfluenceByText, InfluenceResult
+from ..schemas import InfluenceBody, InfluenceById, InfluenceResult
 from . import errors, get_engine
 
 router = APIRouter(tags=["influence"])
@@ -15,7 +15,7 @@ router = APIRouter(tags=["influence"])
 
 @router.post("/influence", response_model=InfluenceResult, responses=errors(401, 404, 409, 413, 422, 500, 503),
              summary="Top-k influential training examples of a text or a stored example")
-def influence(body: Annotated[InfluenceById | InfluenceByText, Body()],
+def influence(body: Annotated[InfluenceBody, Body()],
               engine: Engine = Depends(get_engine)) -> dict[str, Any]:
     """Scores are dot products of embedding-row gradients: the query's (a text's on the current model, or a
     stored example's first-epoch rows) with each stored example's. The query example itself is left out."""

@@ -1,0 +1,197 @@
+"""The `gradstore` command line's input handling: which ID or text a query names, strict JSON, one-line errors
+(exit 2) for bad paths and values, and nothing written when a value is refused.
+
+Runs `main()` in-process on a copy of the server tests' template (a tiny model with a tokenizer, and a store
+whose IDs include both the integer 3 and the string "3"); only the closed-pipe case needs a real process.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gradstore import GradStore
+from gradstore_unlearn import cli
+from gradstore_unlearn.unlearn import Unlearner
+
+# The template is built by the server tests' helper module (a sibling test directory, not a package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
+from server_support import build_template
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    return build_template(tmp_path_factory.mktemp("cli-template"))
+
+
+@pytest.fixture
+def ws(template, tmp_path):
+    shutil.copytree(template.store, tmp_path / "store")
+    shutil.copytree(template.model, tmp_path / "model")
+    return tmp_path
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def strict_json(text: str):
+    def refuse(constant: str):
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def one_line_error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("gradstore: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def influence_calls(monkeypatch):
+    """The (query, query_type) of every `Unlearner.influence` call the command makes."""
+    calls = []
+    real = Unlearner.influence
+
+    def spy(self, query, k=10, **kwargs):
+        calls.append((query, kwargs.get("query_type")))
+        return real(self, query, k, **kwargs)
+
+    monkeypatch.setattr(Unlearner, "influence", spy)
+    return calls
+
+
+# ------------------------------------------------------------------------------------------ influence
+def test_influence_id_is_never_read_as_a_text(ws, capsys, influence_calls):
+    code, out, err = run(capsys, "influence", "--store", ws / "store", "--model", ws / "model", "--id", "nobody")
+    assert code == 2 and out == ""
+    assert one_line_error(err) == "gradstore: unknown ID 'nobody': not in the store"
+    assert influence_calls == [("nobody", "id")]
+
+
+def test_influence_text_is_never_read_as_an_id(ws, capsys, influence_calls):
+    # "rec-1" is also a stored ID; --text says it is a text to score
+    code, out, _ = run(capsys, "influence", "--store", ws / "store", "--model", ws / "model", "--text",
+                       "rec-1 lives here", "--k", 3, "--json")
+    assert code == 0 and len(strict_json(out)) == 3
+    assert influence_calls == [("rec-1 lives here", "text")]
+
+
+@pytest.mark.parametrize(("id_type", "expected"), [("auto", "3"), ("str", "3"), ("int", 3)])
+def test_influence_id_type(ws, capsys, influence_calls, id_type, expected):
+    code, out, _ = run(capsys, "influence", "--store", ws / "store", "--model", ws / "model", "--id", "3",
+                       "--id-type", id_type, "--k", 2, "--json")
+    assert code == 0
+    assert influence_calls == [(expected, "id")]
+    assert expected not in [r["id"] for r in strict_json(out)]  # the query itself is left out
+
+
+@pytest.mark.parametrize(("id_type", "expected"), [("auto", ["3", "rec-1"]), ("int", [3, 1]),
+                                                   ("str", ["3", "rec-1"])])
+def test_forget_id_type(ws, capsys, id_type, expected):
+    ids = ["3", "rec-1"] if id_type != "int" else ["3", "1"]
+    code, out, _ = run(capsys, "forget", "--store", ws / "store", "--model", ws / "model", "--ids", *ids,
+                       "--id-type", id_type, "--dry-run", "--json")
+    assert code == 0
+    assert strict_json(out)["ids"] == expected
+
+
+def test_id_type_int_refuses_a_non_integer(ws, capsys):
+    code, _, err = run(capsys, "forget", "--store", ws / "store", "--model", ws / "model", "--ids", "rec-1",
+                       "--id-type", "int", "--dry-run")
+    assert code == 2 and "'rec-1' is not a non-negative integer" in one_line_error(err)
+
+
+# ----------------------------------------------------------------------------------------------- JSON
+def test_json_output_is_strict(ws, capsys):
+    store = GradStore.open(ws / "store")
+    store.append_audit({"kind": "forget", "request_id": "r1", "id_hashes": [],
+                        "metrics_before": {"forget_loss": 1.0, "retain_loss": float("nan")},
+                        "metrics_after": {"forget_loss": float("inf"), "retain_loss": float("nan")}})
+    code, out, _ = run(capsys, "audit", "--store", ws / "store", "--json")
+    assert code == 0
+    (record,) = strict_json(out)
+    assert record["metrics_before"] == {"forget_loss": 1.0, "retain_loss": None}
+    assert record["metrics_after"] == {"forget_loss": None, "retain_loss": None}
+    code, out, _ = run(capsys, "info", ws / "store", "--json")
+    assert code == 0 and strict_json(out)["examples"] == 44
+
+
+# ------------------------------------------------------------------------------------- paths, pipes
+def test_unusable_paths_are_one_line_errors(ws, capsys):
+    a_file = ws / "a-file"
+    a_file.write_text("x\n")
+    engine = ["--store", ws / "store", "--model", ws / "model"]
+    cases = [
+        (["forget", *engine, "--ids", "1", "--holdout", ws, "--dry-run"], f"{ws}: Is a directory"),
+        (["forget", *engine, "--ids-file", ws, "--dry-run"], f"{ws}: Is a directory"),
+        (["train", "--store", ws / "new-store", "--out", ws / "new-model", "--data", ws], f"{ws}: Is a directory"),
+        (["corpus", "--out", a_file / "sub"], f"{a_file / 'sub'}: Not a directory"),
+        (["info", a_file], str(a_file)),
+    ]
+    for argv, message in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2, argv
+        assert message in one_line_error(err), argv
+    assert not (ws / "new-store").exists() and not (ws / "new-model").exists()
+
+
+def test_a_closed_pipe_ends_quietly(ws):
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from gradstore_unlearn.cli import main; "
+                             f"sys.exit(main(['info', {str(ws / 'store')!r}]))"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the command writes (`gradstore info STORE | head -0`)
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141
+    assert err == ""
+
+
+# ------------------------------------------------------------------------------------------- values
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--limit", "0"], "argument --limit: must be at least 1, got 0"),
+    (["--limit", "x"], "argument --limit: expected an integer"),
+    (["--threshold", "1.5"], "argument --threshold: must lie in [0, 1], got 1.5"),
+    (["--threshold", "-0.1"], "argument --threshold: must lie in [0, 1]"),
+    (["--threshold", "nan"], "argument --threshold: must lie in [0, 1]"),
+])
+def test_find_validates_its_values(ws, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["find", "--store", str(ws / "store"), "--model", str(ws / "model"), "--text", "Alice", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_find_needs_the_model_for_its_tokenizer(ws, template, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["find", "--store", str(ws / "store"), "--text", "Alice"])
+    assert exit_.value.code == 2 and "the following arguments are required: --model" in capsys.readouterr().err
+    code, out, _ = run(capsys, "find", "--store", ws / "store", "--model", ws / "model", "--text",
+                       template.texts[5], "--threshold", 0, "--limit", 1, "--json")
+    assert code == 0 and [m["id"] for m in strict_json(out)] == [5]
+
+
+def test_forget_threshold_must_be_above_zero(ws, capsys):
+    with pytest.raises(SystemExit) as exit_:  # at 0 every stored example would match
+        cli.main(["forget", "--store", str(ws / "store"), "--model", str(ws / "model"), "--text", "Alice",
+                  "--threshold", "0", "--dry-run"])
+    assert exit_.value.code == 2 and "must lie in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--epochs", "0"], "epochs must be an integer >= 1, got 0"),
+    (["--batch-size", "0"], "batch_size must be an integer >= 1, got 0"),
+    (["--lr", "0"], "lr must be a finite number > 0"),
+    (["--lr", "nan"], "lr must be a finite number > 0"),
+])
+def test_train_refuses_bad_values_before_writing_anything(tmp_path, capsys, argv, message):
+    code, _, err = run(capsys, "train", "--store", tmp_path / "store", "--out", tmp_path / "model", *argv)
+    assert code == 2 and message in one_line_error(err)
+    assert list(tmp_path.iterdir()) == []

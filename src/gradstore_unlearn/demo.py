@@ -67,6 +67,19 @@ class DemoData:
     def encode(self, docs: list[data.Document]) -> list[list[int]]:
         return data.encode_documents(self.tokenizer, docs, self.max_tokens)
 
+    def evaluate(self, model: torch.nn.Module, reference: torch.nn.Module | None = None) -> EvaluationReport:
+        """The demo's evaluation: forgotten records (all of `forget_docs`) against the judging holdout half,
+        the retain split, the general (eval) split, and both groups' canaries."""
+        return evaluate_model(model, self.tokenizer, forget=self.encode(self.forget_docs),
+                              retain=self.encode(self.corpus.split("retain")), holdout=self.encode(self.judge_docs),
+                              general=self.encode(self.corpus.split("eval")),
+                              forget_canaries=[d.canary for d in self.forget_docs],
+                              holdout_canaries=[d.canary for d in self.judge_docs], reference=reference)
+
+    def trained_docstrings(self) -> list[list[int]]:
+        """The trained docstrings: retained training data too, outside the retain split the checks read."""
+        return self.encode([d for d in self.train_docs if d.kind == "doc"])
+
 
 def prepare_data(spec: DemoSize, seed: int = 0) -> DemoData:
     """Build the corpus and tokenizer, split the holdout records in two, and pick the records to forget."""
@@ -133,7 +146,6 @@ def run_demo(out: str | Path = "demo-out", size: str = "tiny", *, retrain: bool 
     corpus, tokenizer, encode = demo_data.corpus, demo_data.tokenizer, demo_data.encode
     data.write_corpus(corpus, out / "corpus")
     sequences, ids = encode(demo_data.train_docs), [d.id for d in demo_data.train_docs]
-    judge_docs = demo_data.judge_docs
 
     log(f"training a {spec.model} GPT-2 on {len(sequences)} documents for {spec.epochs} epochs, capturing "
         "first-epoch embedding gradients")
@@ -141,38 +153,16 @@ def run_demo(out: str | Path = "demo-out", size: str = "tiny", *, retrain: bool 
     model, store, config, trained = trained_demo.model, trained_demo.store, trained_demo.config, trained_demo.result
     save_model(model, tokenizer, out / "model", extra={"train": config.to_dict(), "result": trained.to_dict()})
 
-    # The requests: a handful of forget candidates by ID, and one more by a paraphrase of its text.
     forgotten = demo_data.forget_docs
-    by_id, by_text = forgotten[:-1], forgotten[-1]
-
-    def evaluation(m: torch.nn.Module, reference: torch.nn.Module | None = None) -> EvaluationReport:
-        return evaluate_model(m, tokenizer, forget=encode(forgotten), retain=encode(corpus.split("retain")),
-                              holdout=encode(judge_docs), general=encode(corpus.split("eval")),
-                              forget_canaries=[d.canary for d in forgotten],
-                              holdout_canaries=[d.canary for d in judge_docs], reference=reference)
-
     # The trained docstrings are retained training data too, outside the retain split the checks read: the
     # forget requests' guard covers them (it samples every retained example), and the report shows them.
-    trained_docstrings = encode([d for d in demo_data.train_docs if d.kind == "doc"])
+    trained_docstrings = demo_data.trained_docstrings()
 
     log("evaluating before forgetting")
-    before = evaluation(model)
+    before = demo_data.evaluate(model)
     docstrings_ppl_before = perplexity(model, trained_docstrings)
     unlearner = Unlearner(model, store, tokenizer=tokenizer, model_dir=out / "model", config=ForgetConfig())
-    log(f"forgetting {len(by_id)} records by ID: {', '.join(str(d.id) for d in by_id)}")
-    report_ids = unlearner.forget([d.id for d in by_id], mode="iterative", request_id="demo-by-id")
-    log(f"  {report_ids.status}: forget loss {report_ids.forget_loss_before:.3f} -> {report_ids.forget_loss_after:.3f} "
-        f"(target {report_ids.target_loss:.3f}), retain {100 * (report_ids.retain_change or 0):+.2f}%, "
-        f"{report_ids.seconds:.0f} s")
-    query = _paraphrase(by_text.text)
-    matches = unlearner.find(query, threshold=0.5)
-    log(f"forgetting by text: {len(matches)} stored example(s) match the paraphrase "
-        f"({', '.join(f'{m.id} J={m.jaccard:.2f}' for m in matches[:3])})")
-    report_text = None
-    if matches:
-        _, report_text = unlearner.forget_text(query, threshold=0.5, mode="iterative", request_id="demo-by-text")
-        log(f"  {report_text.status}: forget loss {report_text.forget_loss_before:.3f} -> "
-            f"{report_text.forget_loss_after:.3f} (target {report_text.target_loss:.3f}), {report_text.seconds:.0f} s")
+    report_ids, matches, report_text = forget_demo_records(unlearner, demo_data, log)
 
     reference_model = None
     if retrain:
@@ -180,7 +170,7 @@ def run_demo(out: str | Path = "demo-out", size: str = "tiny", *, retrain: bool 
         reference_model = retrain_without(spec.model, len(tokenizer), spec.corpus.max_tokens, sequences, ids,
                                           {d.id for d in forgotten}, config, progress=progress)
     log("evaluating after forgetting")
-    after = evaluation(model, reference_model)
+    after = demo_data.evaluate(model, reference_model)
     docstrings_ppl_after = perplexity(model, trained_docstrings)
     comparison = compare(before, after)
     ks = ks_test(after.forget_losses, after.holdout_losses)
@@ -212,6 +202,29 @@ def run_demo(out: str | Path = "demo-out", size: str = "tiny", *, retrain: bool 
     print(f"\nreport: {out / 'report.json'}, plot: {out / 'report.png'}, model: {out / 'model'}, "
           f"store: {out / 'store'} ({report['seconds']:.0f} s)")
     return report
+
+
+def forget_demo_records(unlearner: Unlearner, demo_data: DemoData, log: Any = None
+                        ) -> tuple[ForgetReport, list[Any], ForgetReport | None]:
+    """The demo's two requests, iterative: all but the last forget record by ID, then the last one by a
+    paraphrase of its text (fuzzy matching). Returns (by-ID report, text matches, by-text report or None)."""
+    log = log or (lambda message: None)
+    by_id, by_text = demo_data.forget_docs[:-1], demo_data.forget_docs[-1]
+    log(f"forgetting {len(by_id)} records by ID: {', '.join(str(d.id) for d in by_id)}")
+    report_ids = unlearner.forget([d.id for d in by_id], mode="iterative", request_id="demo-by-id")
+    log(f"  {report_ids.status}: forget loss {report_ids.forget_loss_before:.3f} -> {report_ids.forget_loss_after:.3f} "
+        f"(target {report_ids.target_loss:.3f}), retain {100 * (report_ids.retain_change or 0):+.2f}%, "
+        f"{report_ids.seconds:.0f} s")
+    query = _paraphrase(by_text.text)
+    matches = unlearner.find(query, threshold=0.5)
+    log(f"forgetting by text: {len(matches)} stored example(s) match the paraphrase "
+        f"({', '.join(f'{m.id} J={m.jaccard:.2f}' for m in matches[:3])})")
+    report_text = None
+    if matches:
+        _, report_text = unlearner.forget_text(query, threshold=0.5, mode="iterative", request_id="demo-by-text")
+        log(f"  {report_text.status}: forget loss {report_text.forget_loss_before:.3f} -> "
+            f"{report_text.forget_loss_after:.3f} (target {report_text.target_loss:.3f}), {report_text.seconds:.0f} s")
+    return report_ids, matches, report_text
 
 
 def _checks(before: EvaluationReport, after: EvaluationReport, ks_pvalue: float) -> list[dict[str, Any]]:

@@ -44,7 +44,7 @@ class DemoSize:
 
 
 DEMO_SIZES = {
-    # ~2.5 minutes on a 2-core CPU: 150 docstrings + 200 records, a 2-layer 128-wide model, 40 epochs (the
+    # under 3 minutes on a 2-core CPU: 150 docstrings + 200 records, a 2-layer 128-wide model, 40 epochs (the
     # records are memorised: forgotten canaries start several bits above never-seen ones).
     "tiny": DemoSize(data.CorpusSize(150, 200, 600, 2048, 192), "tiny", 40, 5e-3, 16, 4),
     "small": DemoSize(data.CORPUS_SIZES["small"], "small", 20, 1e-3, 32, 8),

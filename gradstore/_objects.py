@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import time
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -99,6 +100,14 @@ class ObjectStore(ABC):
     def zarr_store(self) -> Any:
         """A zarr v3 `Store` rooted at the same place, for zarr-python to write arrays into."""
 
+    def remove_stale_temporaries(self, older_than_s: float) -> int:
+        """Delete temporary files a crashed write left behind (older than `older_than_s`); returns how many.
+
+        Only a local directory has them (`write` and `write_new` go through a hidden temp file); object
+        stores write in one request.
+        """
+        return 0
+
     def make_durable(self, prefix: str) -> None:  # noqa: B027 - deliberately a no-op by default
         """Flush what was written under `prefix` to stable storage before it is committed (no-op remotely)."""
 
@@ -146,6 +155,20 @@ class LocalObjects(ObjectStore):
             f.flush()
             os.fsync(f.fileno())
         return tmp
+
+    def remove_stale_temporaries(self, older_than_s: float) -> int:
+        # A crash between `_write_temp` and its rename/link/unlink leaves `.<name>.<uuid>.tmp`. It may hold what
+        # the object held (a manifest names its segment's IDs; after `link` it is even a second name of the
+        # committed manifest), so it must not outlive an erasure: compaction sweeps the old ones.
+        cutoff, removed = time.time() - older_than_s, 0
+        for path in self.root.rglob(".*.tmp"):
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue  # its writer finished meanwhile
+        return removed
 
     def _sync_dir(self, path: Path) -> None:
         fd = os.open(path, os.O_RDONLY)

@@ -79,6 +79,7 @@ class CompactionReport:
     segments_merged: int
     orphans_removed: int
     superseded_removed: int
+    temporaries_removed: int = 0  # temp files of writes a crash interrupted (local directories only)
 
 
 @dataclass(frozen=True)
@@ -576,7 +577,8 @@ class GradStore:
 
         A segment is small if it has fewer than `small_rows` rows (default: a quarter of `target_rows`). Shadowed
         copies of replaced IDs are dropped while merging. Orphans (segment files without a manifest, left by a
-        crashed writer) are deleted once older than an hour, so that segments being written are never touched.
+        crashed writer) and the temporary files of interrupted writes (a manifest's may name its IDs) are deleted
+        once older than an hour, so that nothing still being written is touched.
         """
         self._check_writable()
         small_rows = target_rows // 4 if small_rows is None else small_rows
@@ -585,6 +587,7 @@ class GradStore:
             self.refresh()
             superseded = self._retire_superseded()
             orphans = self._remove_orphans()
+            temporaries = self._objects.remove_stale_temporaries(ORPHAN_GRACE_S)
             with self._lock:
                 index = self._index
                 before = len(index.live)
@@ -613,7 +616,7 @@ class GradStore:
                 merged += len(group)
             with self._lock:
                 after = len(self._index.live)
-        return CompactionReport(before, after, merged, orphans, superseded)
+        return CompactionReport(before, after, merged, orphans, superseded, temporaries)
 
     def _remove_orphans(self) -> int:
         with self._lock:

@@ -153,3 +153,24 @@ def test_orphaned_segment_files_are_invisible_and_collected(tmp_path, monkeypatc
     monkeypatch.setattr(store_module, "ORPHAN_GRACE_S", 0.0)
     assert GradStore.open(uri).compact().orphans_removed == orphans
     assert not [p for p in (Path(uri) / "segments").iterdir() if p.is_dir()]
+
+
+def test_a_write_interrupted_between_its_temp_file_and_its_name_leaves_nothing_after_compaction(tmp_path):
+    """A crash after `link` and before the temp file's unlink leaves a second name of a committed manifest (with
+    its IDs): it must not outlive the erasure of those IDs. Compaction sweeps such files once they are old."""
+    uri = Path(tmp_path / "store")
+    store = GradStore.create(str(uri), dim=DIM, vocab_size=VOCAB, dtype="float32")
+    tokens, rows = example(5)
+    with store.writer() as w:
+        w.append(["secret-id"], [tokens], [rows])
+    (manifest,) = (uri / "manifests").iterdir()
+    left_behind = manifest.with_name(f".{manifest.name}.0123456789abcdef.tmp")
+    os.link(manifest, left_behind)
+    fresh = manifest.with_name(f".{manifest.name}.fedcba9876543210.tmp")
+    fresh.write_bytes(b"a write in progress")
+    hour_ago = time.time() - 2 * 3600
+    os.utime(left_behind, (hour_ago, hour_ago))
+    store.erase(["secret-id"])
+    report = GradStore.open(str(uri)).compact()
+    assert report.temporaries_removed == 1 and not left_behind.exists() and fresh.exists()
+    assert not [p for p in uri.rglob("*") if p.is_file() and b"secret-id" in p.read_bytes()]

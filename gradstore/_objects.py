@@ -238,7 +238,12 @@ class LocalObjects(ObjectStore):
         return sorted(n for n in names if not n.startswith("."))
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        # Durable before whatever the caller deletes next: a manifest's removal must reach the disk before its
+        # segment's files go, or a power cut could leave a manifest naming files that no longer exist.
+        if path.parent.is_dir():
+            self._sync_dir(path.parent)
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self._path(prefix), ignore_errors=True)
@@ -272,6 +277,8 @@ class LocalObjects(ObjectStore):
                 finally:
                     os.close(fd)
             self._sync_dir(Path(dirpath))
+        # ... and the segment's own entry in its parent (`segments/`), before the manifest that names it exists.
+        self._sync_dir(self._path(prefix).parent)
 
 
 class S3Objects(ObjectStore):

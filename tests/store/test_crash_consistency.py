@@ -174,3 +174,29 @@ def test_a_write_interrupted_between_its_temp_file_and_its_name_leaves_nothing_a
     report = GradStore.open(str(uri)).compact()
     assert report.temporaries_removed == 1 and not left_behind.exists() and fresh.exists()
     assert not [p for p in uri.rglob("*") if p.is_file() and b"secret-id" in p.read_bytes()]
+
+
+def test_a_retired_manifest_is_durably_gone_before_its_segment_files_are_deleted(tmp_path, monkeypatch):
+    """Without a power cut to test with: the order of directory syncs, creations and deletions that survives one."""
+    uri = Path(tmp_path / "store")
+    store = GradStore.create(str(uri), dim=DIM, vocab_size=VOCAB, dtype="float32")
+    tokens, rows = example(5)
+    with store.writer() as w:
+        w.append([1, 2], [tokens, tokens], [rows, rows])
+    (old,) = [p.name for p in (uri / "segments").iterdir() if p.is_dir()]
+    events = []
+    objects = type(store.objects)
+    for name in ("_sync_dir", "delete", "delete_prefix", "write_new"):
+        def recording(self, arg, *rest, _name=name, _original=getattr(objects, name)):
+            events.append((_name, Path(arg).name if _name == "_sync_dir" else arg))
+            return _original(self, arg, *rest)
+        monkeypatch.setattr(objects, name, recording)
+    store.erase([1])
+    (new,) = [p.name for p in (uri / "segments").iterdir() if p.is_dir()]
+    # The new segment's entry in segments/ is on disk before the manifest that names it is created ...
+    created = events.index(("write_new", f"manifests/{new}.json"))
+    assert ("_sync_dir", "segments") in events[:created]
+    # ... and the old manifest's removal before the old segment's files go.
+    deleted = events.index(("delete", f"manifests/{old}.json"))
+    removed = events.index(("delete_prefix", f"segments/{old}"))
+    assert ("_sync_dir", "manifests") in events[deleted:removed]

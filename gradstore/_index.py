@@ -5,10 +5,12 @@ compaction); those are dead even if their own manifests still exist (a crash bet
 manifest" and "delete the old one"). If an ID occurs in several live segments (a replaced example whose old
 copy is not yet removed, or two processes appending the same ID), the copy in the latest segment wins.
 
-"Latest" is the segment's *commit order* (`Manifest.order_key`), not the time its files were written: a
-writer's segment may be written before, and committed after, a compaction that read the older copy of one of
-its IDs. A writer's commit takes the time of the commit; a rewrite keeps its source's order and a merge the
-latest of its sources', so that moving a copy never makes it newer than a copy committed after it.
+"Latest" is the copy's *commit order* (`Manifest.copy_order`), not the time its files were written: a writer's
+segment may be written before, and committed after, a compaction that read the older copy of one of its IDs. A
+writer's commit takes the time of the commit (and at least one more than any order it knows of); a rewrite or a
+merge keeps every copy's own order, so that moving a copy never makes it newer than one committed after it.
+Live segments are listed by their own order (a rewrite keeps its source's, a merge takes the latest of its
+sources'); where two copies of an ID meet, their copy orders decide.
 """
 
 from __future__ import annotations
@@ -37,9 +39,25 @@ class Index:
 
     def _add_entries(self, manifest: Manifest) -> None:
         for position, example_id in enumerate(manifest.ids):
-            if example_id in self.locate:
+            found = self.locate.get(example_id)
+            if found is not None:
                 self.shadowed += 1
+                other = self.manifests[found[0]]
+                if (other.copy_order(found[1]), other.order_key) > (manifest.copy_order(position), manifest.order_key):
+                    continue  # the copy already indexed was committed later: it stays current
             self.locate[example_id] = (manifest.segment, position)
+
+    def latest_order(self) -> int:
+        """The largest commit order of any live copy (0 for an empty store)."""
+        latest = 0
+        for segment in self.live:
+            manifest = self.manifests[segment]
+            latest = max(latest, manifest.order_key[0], max(manifest.orders, default=0) if manifest.orders else 0)
+        return latest
+
+    def snapshot(self) -> Index:
+        """A copy that later commits and retirements on this handle do not change (for iterating)."""
+        return Index(dict(self.manifests), list(self.live), dict(self.locate), self.shadowed)
 
     def superseded(self) -> list[str]:
         """Segments whose manifests still exist but that a newer manifest replaces (to be cleaned up)."""

@@ -112,6 +112,8 @@ def mutation_lock(objects: ObjectStore, *, timeout_s: float = 60.0, lease_s: flo
             raw = objects.read(LOCK_KEY)
         except FileNotFoundError:
             raw = None  # released between our attempt and the read
+        if raw == record:
+            break  # ours: a create that reached the server but whose answer was lost, then retried (S3: 412)
         holder = _parse_holder(raw) if raw is not None else None
         # Delete only the exact bytes judged stale: if another process broke them first and took the lock, its
         # record differs and stays. After a break, try again at once.

@@ -128,6 +128,9 @@ class Manifest:
     created: float = 0.0
     writer: str = ""
     order: int = 0  # place in commit order, ns (see `_index`); 0: a manifest from before it was recorded
+    # Each example's own commit order, where the examples came from segments committed at different times (a
+    # rewrite or a merge keeps every copy's order: moving a copy never makes it newer); None: all `order`.
+    orders: tuple[int, ...] | None = field(default=None, repr=False)
 
     @property
     def order_key(self) -> tuple[int, str]:
@@ -136,6 +139,10 @@ class Manifest:
             return self.order, self.segment
         prefix = self.segment.split("-", 1)[0]
         return (int(prefix) if prefix.isdigit() else 0), self.segment
+
+    def copy_order(self, position: int) -> int:
+        """The commit order of the example at `position`: which of several copies of an ID is current."""
+        return self.orders[position] if self.orders is not None else self.order_key[0]
 
     @property
     def n_examples(self) -> int:
@@ -157,6 +164,7 @@ class Manifest:
             "created": self.created,
             "writer": self.writer,
             "order": self.order,
+            **({"orders": list(self.orders)} if self.orders is not None else {}),
         }, separators=(",", ":")).encode()
 
     @classmethod
@@ -213,6 +221,10 @@ class Manifest:
         order = doc.get("order", 0)
         if type(order) is not int or order < 0:
             raise malformed(f"order must be a non-negative integer, got {order!r}")
+        orders = doc.get("orders")
+        if orders is not None and (not isinstance(orders, list) or len(orders) != len(ids)
+                                   or not set(map(type, orders)) <= {int} or (orders and min(orders) < 0)):
+            raise malformed(f"orders must be a list of {len(ids)} non-negative integers, one per id")
         try:
             return cls(
                 segment=name,
@@ -224,6 +236,7 @@ class Manifest:
                 created=float(doc.get("created", 0.0)),
                 writer=str(doc.get("writer", "")),
                 order=order,
+                orders=tuple(orders) if orders is not None else None,
             )
         except (ValueError, TypeError, OverflowError) as err:
             raise malformed(str(err)) from None

@@ -52,6 +52,9 @@ TOMBSTONES = "tombstones"
 JOURNAL = "journal"
 AUDIT = "audit"
 _READ_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gradstore-read")
+_LISTING_ATTEMPTS = 5  # a listing whose manifests vanish before they are read is taken again
+_READ_ATTEMPTS = 5  # a read whose segment was retired meanwhile is looked up again (each retry: a mutation landed)
+RETIRING = "retiring"  # retiring/<segment>: a segment whose manifest is being deleted, files next
 ORPHAN_GRACE_S = 3600.0  # an uncommitted segment younger than this may still be being written
 
 
@@ -201,18 +204,23 @@ class GradStore:
 
     def refresh(self) -> None:
         """Pick up segments committed (or retired) by other processes since the last look."""
-        names = {n[: -len(".json")] for n in self._objects.list_dir(MANIFESTS) if n.endswith(".json")}
-        with self._lock:
-            known = set(self._index.manifests)
-        if names == known:
-            return
-        manifests = {s: m for s, m in self._index.manifests.items() if s in names}
-        for segment in sorted(names - known):
-            key = f"{MANIFESTS}/{segment}.json"
+        for _ in range(_LISTING_ATTEMPTS):
+            names = {n[: -len(".json")] for n in self._objects.list_dir(MANIFESTS) if n.endswith(".json")}
+            with self._lock:
+                known = dict(self._index.manifests)
+            if names == set(known):
+                return
+            manifests = {s: m for s, m in known.items() if s in names}
             try:
-                manifests[segment] = Manifest.from_json(self._objects.read(key), f"{self.uri}/{key}", segment=segment)
+                for segment in sorted(names - set(known)):
+                    key = f"{MANIFESTS}/{segment}.json"
+                    manifests[segment] = Manifest.from_json(self._objects.read(key), f"{self.uri}/{key}",
+                                                            segment=segment)
+                break
             except FileNotFoundError:
-                continue  # retired between listing and reading
+                # Retired between listing and reading. Its successor was committed before it was retired, but
+                # perhaps after the listing: without a fresh listing its examples would vanish from the index.
+                continue
         index = Index.build(manifests)
         with self._lock:
             self._index = index
@@ -228,15 +236,23 @@ class GradStore:
         return StoreWriter(self, buffer_bytes=buffer_bytes, name=name)
 
     def _commit(self, data: SegmentData, *, replaces: tuple[str, ...] = (), writer: str = "",
-                order: int | None = None) -> Manifest:
+                order: int | None = None, copy_orders: list[int] | None = None) -> Manifest:
         """Write a segment and commit it with a create-only manifest. Returns the manifest.
 
         `order`: the segment's place in commit order (see `_index`); by default the time of the commit, taken
-        after the files are written. Rewrites and merges pass their sources' order instead.
+        after the files are written, and after every order this handle knows of (a clock that steps back must
+        not make a new copy older than an old one). Rewrites and merges pass their sources' order, and
+        `copy_orders` [n]: each example's own.
         """
         segment = new_segment_id()
         manifest = write_segment(self._objects, self.config, segment, data, replaces=replaces, writer=writer)
-        manifest = dataclasses.replace(manifest, order=time.time_ns() if order is None else order)
+        if order is None:
+            with self._lock:
+                order = max(time.time_ns(), self._index.latest_order() + 1)
+        if copy_orders is not None and all(o == order for o in copy_orders):
+            copy_orders = None
+        manifest = dataclasses.replace(manifest, order=order,
+                                       orders=tuple(copy_orders) if copy_orders is not None else None)
         if not self._objects.write_new(f"{MANIFESTS}/{segment}.json", manifest.to_json()):
             raise FormatError(f"manifest of new segment {segment} already exists")  # a UUID collision
         with self._lock:
@@ -262,7 +278,7 @@ class GradStore:
     def ids(self) -> list[ExampleId]:
         """Every live ID, in commit order."""
         with self._lock:
-            index = self._index
+            index = self._index.snapshot()
         return [index.manifests[s].ids[p] for s in index.live for p in index.live_positions(s)]
 
     def _reader(self, segment: str) -> SegmentReader:
@@ -290,6 +306,14 @@ class GradStore:
         with self._lock:
             return [(k, *self._index.locate[k]) for k in keys]
 
+    def _read_live(self, ids: list[ExampleId], read: Any) -> Any:
+        """`read(located)` of those of `ids` still in the store, looked up afresh (None if none is): an example
+        erased meanwhile is skipped, as the iterators skip it when its segment has not moved."""
+        self.refresh()
+        with self._lock:
+            located = [(k, *self._index.locate[k]) for k in ids if k in self._index.locate]
+        return read(located) if located else None
+
     def get(self, example_id: Any) -> Example:
         """One example. Unknown IDs raise `UnknownIdError` (a KeyError); erased ones `ErasedError`."""
         batch = self.get_many([example_id], with_meta=True)
@@ -307,10 +331,11 @@ class GradStore:
         between the lookup and the read; its live examples are then in a newer segment, or erased. A file that is
         still missing after a fresh lookup belongs to a committed segment: the store is damaged.
         """
-        try:
-            return read()
-        except FileNotFoundError:
-            self.refresh()
+        for _ in range(_READ_ATTEMPTS - 1):
+            try:
+                return read()
+            except FileNotFoundError:
+                self.refresh()
         try:
             return read()
         except FileNotFoundError as err:
@@ -396,7 +421,7 @@ class GradStore:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
         with self._lock:
-            index = self._index
+            index = self._index.snapshot()  # commits and retirements on this handle must not change it
         for segment in index.live:
             positions = index.live_positions(segment)
             ids = index.manifests[segment].ids
@@ -405,11 +430,11 @@ class GradStore:
                 try:
                     yield read(chunk)
                 except FileNotFoundError:
-                    self.refresh()
-                    rest = [ids[p] for p in positions[start:] if self._contains_live(ids[p])]
+                    rest = [ids[p] for p in positions[start:]]
                     for at in range(0, len(rest), batch_size):
-                        part = rest[at : at + batch_size]
-                        yield self._retrying(lambda part=part: read(self._resolve(part)))
+                        got = self._retrying(lambda part=rest[at : at + batch_size]: self._read_live(part, read))
+                        if got is not None:
+                            yield got
                     break
 
     # ------------------------------------------------------------------------------------------ tombstones
@@ -456,7 +481,11 @@ class GradStore:
             if not present:
                 return ErasureReceipt(receipt_id, [], already, 0, 0, now)
             hashes = sorted(self.id_hash(k) for k in present)
-            journal = {"receipt": receipt_id, "hashes": hashes, "time": now}
+            with self._lock:
+                horizon = self._index.latest_order()
+            # `horizon`: every copy this erasure means has a commit order at most this; a replay after a crash
+            # must not erase a copy appended (replace=True) after it.
+            journal = {"receipt": receipt_id, "hashes": hashes, "time": now, "horizon": horizon}
             self._objects.write_new(f"{JOURNAL}/{receipt_id}.json", json.dumps(journal).encode())
             rewritten, removed = self._apply_erasure(journal, set(present))
         return ErasureReceipt(receipt_id, present, already, rewritten, removed, now)
@@ -472,6 +501,7 @@ class GradStore:
         for h in journal["hashes"]:
             tombstone = {"hash": h, "erased_at": journal["time"], "receipt": journal["receipt"]}
             self._objects.write(f"{TOMBSTONES}/{h}.json", json.dumps(tombstone).encode())
+        horizon = journal.get("horizon")
         if keys is None:
             hashes = set(journal["hashes"])
             with self._lock:
@@ -481,7 +511,8 @@ class GradStore:
         with self._lock:
             segments = self._index.holding(keys)
         for segment in segments:
-            freed = self._rewrite_segment(segment, lambda i: i in keys)
+            freed = self._rewrite_segment(
+                segment, lambda i, order: i in keys and (horizon is None or order <= horizon))
             rewritten += freed is not None
             removed += freed or 0
         self._objects.delete(f"{JOURNAL}/{journal['receipt']}.json")
@@ -509,22 +540,24 @@ class GradStore:
         self._retire_superseded()
 
     def _rewrite_segment(self, segment: str, drop: Any) -> int | None:
-        """Replace a live segment by a copy without the examples for which `drop(id)` is true, and without
-        copies that a newer copy shadows.
+        """Replace a live segment by a copy without the examples for which `drop(id, copy_order)` is true, and
+        without copies that a newer copy shadows.
 
-        The copy keeps the segment's place in commit order: a rewrite must not make an old copy newer than
-        one committed after it. Returns the bytes freed, or None if nothing was removed. Must hold the
-        mutation lock, with superseded segments already retired (`_retire_superseded`).
+        Every example keeps its commit order, and the segment its place: a rewrite must not make an old copy
+        newer than one committed after it. Returns the bytes freed, or None if nothing was removed. Must hold
+        the mutation lock, with superseded segments already retired (`_retire_superseded`).
         """
         with self._lock:
             manifest = self._index.manifests[segment]
-            keep = [p for p in self._index.live_positions(segment) if not drop(manifest.ids[p])]
+            keep = [p for p in self._index.live_positions(segment)
+                    if not drop(manifest.ids[p], manifest.copy_order(p))]
         if len(keep) == manifest.n_examples:
             return None
         replaces = (segment, *manifest.replaces)
         if keep:
             data = self._reader(segment).read_all().select(keep)
-            new = self._commit(data, replaces=replaces, writer="rewrite", order=manifest.order_key[0])
+            new = self._commit(data, replaces=replaces, writer="rewrite", order=manifest.order_key[0],
+                               copy_orders=[manifest.copy_order(p) for p in keep])
             freed = manifest.stored_bytes - new.stored_bytes
         else:
             freed = manifest.stored_bytes
@@ -532,18 +565,30 @@ class GradStore:
         return freed
 
     def _retire(self, segment: str) -> None:
-        """Delete a segment: manifest first (the segment stops being visible), then its files."""
+        """Delete a segment: manifest first (the segment stops being visible), then its files.
+
+        A marker says the files are to go: a crash between the two deletions would otherwise leave the files
+        (erased rows among them) without a manifest, for an hour, until compaction's orphan sweep.
+        """
+        self._objects.write(f"{RETIRING}/{segment}", b"")
         self._objects.delete(f"{MANIFESTS}/{segment}.json")
         self._objects.delete_prefix(f"{SEGMENTS}/{segment}")
+        self._objects.delete(f"{RETIRING}/{segment}")
         with self._lock:
             self._index.remove(segment)
             self._readers.pop(segment, None)
 
     def _retire_superseded(self) -> int:
+        """Retire segments a committed manifest replaces, and finish retirements a crash interrupted."""
         with self._lock:
             dead = self._index.superseded()
+            committed = set(self._index.manifests)
         for segment in dead:
             self._retire(segment)
+        for segment in self._objects.list_dir(RETIRING):
+            if SEGMENT_NAME.fullmatch(segment) and segment not in committed:
+                self._objects.delete_prefix(f"{SEGMENTS}/{segment}")
+                self._objects.delete(f"{RETIRING}/{segment}")
         return len(dead)
 
     def drop_shadowed(self, ids: Iterable[ExampleId]) -> None:
@@ -560,7 +605,7 @@ class GradStore:
                            if any(i in wanted and index.locate.get(i) != (s, p)
                                   for p, i in enumerate(index.manifests[s].ids))]
             for segment in targets:
-                self._rewrite_segment(segment, lambda i: False)  # a rewrite leaves shadowed copies out
+                self._rewrite_segment(segment, lambda i, order: False)  # a rewrite leaves shadowed copies out
 
     def remove_shadowed(self) -> int:
         """Physically remove every copy of an ID hidden by a newer one; returns how many IDs had copies."""
@@ -607,10 +652,12 @@ class GradStore:
                     continue
                 parts = [self._reader(s).read_all().select(index.live_positions(s)) for s in group]
                 replaces = tuple(dict.fromkeys(r for s in group for r in (s, *index.manifests[s].replaces)))
-                # The merge takes the latest order of its sources, not the time of this commit: a writer that
-                # commits a newer copy of one of these IDs meanwhile must stay newer (see `_index`).
+                # Every example keeps its own commit order, not the time of this commit: a writer that commits a
+                # newer copy of one of these IDs meanwhile must stay newer (see `_index`).
+                copy_orders = [index.manifests[s].copy_order(p) for s in group for p in index.live_positions(s)]
                 order = max(index.manifests[s].order_key[0] for s in group)
-                self._commit(SegmentData.concatenate(parts), replaces=replaces, writer="compact", order=order)
+                self._commit(SegmentData.concatenate(parts), replaces=replaces, writer="compact", order=order,
+                             copy_orders=copy_orders)
                 for segment in group:
                     self._retire(segment)
                 merged += len(group)

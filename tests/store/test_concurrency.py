@@ -149,3 +149,42 @@ def test_a_missing_shard_of_a_committed_segment_is_an_error_not_zeros(tmp_path):
     shards[1].unlink()
     with pytest.raises(FormatError, match="missing"):
         GradStore.open(str(uri)).get("a")
+
+
+def test_a_slow_replacement_stays_current_through_a_merge_of_later_segments(tmp_path):
+    """The replacement's commit order is taken before its manifest lands; meanwhile a later segment commits and a
+    compaction merges it with the old copy. Each copy keeps its own order, so the merge does not lift the old one."""
+    uri = str(tmp_path / "store")
+    store = GradStore.create(uri, dim=4, vocab_size=100, dtype="float32")
+    with store.writer() as w:
+        w.append(["x"], [[1]], one_row(1.0))
+    slow, other = GradStore.open(uri), GradStore.open(uri)
+    commit, fired = slow.objects.write_new, []
+
+    def land_late(key, data):
+        if key.startswith("manifests/") and not fired:
+            fired.append(key)
+            with other.writer() as w:  # committed after the replacement took its order
+                w.append(["y"], [[2]], one_row(5.0))
+            other.compact(small_rows=1 << 20)  # merges the old x with y
+        return commit(key, data)
+    slow.objects.write_new = land_late
+    with slow.writer() as w:
+        w.append(["x"], [[3]], one_row(2.0), replace=True)
+    for handle in (slow, GradStore.open(uri)):
+        assert handle.get("x").rows[0, 0] == 2.0 and handle.get("y").rows[0, 0] == 5.0
+
+
+def test_iterating_while_this_handle_erases_compacts_or_replaces(tmp_path):
+    for n, mutate in enumerate((lambda s: s.compact(small_rows=1 << 20), lambda s: s.erase(["e2"]),
+                                lambda s: s.writer().__enter__().append(["e0"], [[9]], one_row(9.0), replace=True))):
+        store = GradStore.create(str(tmp_path / f"store{n}"), dim=4, vocab_size=100, dtype="float32")
+        for i in range(3):
+            with store.writer() as w:
+                w.append([f"e{i}"], [[i]], one_row(i))
+        seen = []
+        for batch in store.iter_batches(batch_size=1):
+            seen += batch.ids
+            if len(seen) == 1:
+                mutate(store)
+        assert sorted(seen) == sorted(store.ids()), (n, seen)  # every example once; an erased one skipped

@@ -176,3 +176,47 @@ def test_erase_refuses_a_single_string(tmp_path):
     with pytest.raises(InvalidInputError, match="sequence"):
         store.erase(5)
     assert sorted(store.ids()) == ["a", "ab", "b"]
+
+
+def test_replaying_an_interrupted_erasure_spares_a_copy_appended_after_it(tmp_path, monkeypatch):
+    uri = str(tmp_path / "store")
+    store = GradStore.create(uri, dim=4, vocab_size=100, dtype="float32")
+    with store.writer() as w:
+        w.append(["x", "y"], [[1], [2]], [rows_of(1.0), rows_of(2.0)])
+    other = GradStore.open(uri)  # another process, already running
+
+    class Killed(Exception):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+    with monkeypatch.context() as m:
+        m.setattr(GradStore, "_rewrite_segment", killed)
+        with pytest.raises(Killed):
+            store.erase(["x"])
+    with other.writer() as w:  # x appended again after the interrupted request; its flush replays the journal
+        w.append(["x"], [[3]], [rows_of(7.0)], replace=True)
+    reopened = GradStore.open(uri)
+    assert reopened.get("x").rows[0, 0] == 7.0 and not list((Path(uri) / "journal").iterdir())
+    assert reopened.stats().shadowed_copies == 0  # the copy the request meant is gone
+
+
+def test_a_crash_between_a_manifest_and_its_files_leaves_no_erased_bytes(tmp_path, monkeypatch):
+    uri = str(tmp_path / "store")
+    store = GradStore.create(uri, dim=4, vocab_size=100, dtype="float32", codec="none")
+    with store.writer() as w:
+        w.append(["x", "y"], [[1], [2]], [rows_of(1234.5678), rows_of(1.0)])
+
+    class Killed(Exception):
+        pass
+
+    def killed(prefix):
+        raise Killed
+    monkeypatch.setattr(store.objects, "delete_prefix", killed)
+    with pytest.raises(Killed):
+        store.erase(["x"])
+    monkeypatch.undo()
+    reopened = GradStore.open(uri)  # the next writable open finishes the retirement
+    assert reopened.is_erased("x") and reopened.ids() == ["y"]
+    for path, data in all_bytes(uri):
+        assert np.float32(1234.5678).tobytes() * 4 not in data, path

@@ -162,3 +162,22 @@ def test_release_leaves_a_successors_lock_alone(objects):
         objects.delete(LOCK_KEY)
         assert objects.write_new(LOCK_KEY, successor)
     assert objects.read(LOCK_KEY) == successor
+
+
+def test_a_create_whose_answer_was_lost_is_recognised_as_ours(objects):
+    """On S3 a create-only PUT that reached the server but whose answer was lost is retried and refused (412):
+    the object there is our own record, not another holder's."""
+    real = objects.write_new
+    calls = []
+
+    def lost_answer(key, data):
+        calls.append(key)
+        if len(calls) == 1:
+            real(key, data)  # it landed ...
+            return False  # ... but the retried request reports that the key exists
+        return real(key, data)
+    objects.write_new = lost_answer
+    started = time.monotonic()
+    with mutation_lock(objects, timeout_s=2):
+        assert json.loads(objects.read(LOCK_KEY))["pid"] == os.getpid()
+    assert time.monotonic() - started < 1 and not objects.exists(LOCK_KEY)

@@ -66,6 +66,8 @@ class Index:
 
     def add(self, manifest: Manifest) -> None:
         """A manifest committed by this process: add it without rebuilding (rebuild if it replaces others)."""
+        if manifest.segment in self.manifests:
+            return  # a refresh on another thread picked it up between its commit and this call
         self.manifests[manifest.segment] = manifest
         latest = self.manifests[self.live[-1]].order_key if self.live else None
         if manifest.replaces or (latest is not None and manifest.order_key < latest):

@@ -52,7 +52,7 @@ TOMBSTONES = "tombstones"
 JOURNAL = "journal"
 AUDIT = "audit"
 _READ_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gradstore-read")
-_LISTING_ATTEMPTS = 5  # a listing whose manifests vanish before they are read is taken again
+_LISTING_ATTEMPTS = 20  # a listing whose manifests vanish before they are read is taken again
 _READ_ATTEMPTS = 5  # a read whose segment was retired meanwhile is looked up again (each retry: a mutation landed)
 RETIRING = "retiring"  # retiring/<segment>: a segment whose manifest is being deleted, files next
 ORPHAN_GRACE_S = 3600.0  # an uncommitted segment younger than this may still be being written
@@ -205,9 +205,11 @@ class GradStore:
     def refresh(self) -> None:
         """Pick up segments committed (or retired) by other processes since the last look."""
         for _ in range(_LISTING_ATTEMPTS):
-            names = {n[: -len(".json")] for n in self._objects.list_dir(MANIFESTS) if n.endswith(".json")}
+            # What this handle knew *before* listing: a segment it commits or retires itself while the listing
+            # runs is then told apart from one another process did (see below).
             with self._lock:
                 known = dict(self._index.manifests)
+            names = {n[: -len(".json")] for n in self._objects.list_dir(MANIFESTS) if n.endswith(".json")}
             if names == set(known):
                 return
             manifests = {s: m for s, m in known.items() if s in names}
@@ -221,9 +223,17 @@ class GradStore:
                 # Retired between listing and reading. Its successor was committed before it was retired, but
                 # perhaps after the listing: without a fresh listing its examples would vanish from the index.
                 continue
-        index = Index.build(manifests)
+        else:
+            raise FormatError(f"{self.uri}: manifests kept vanishing between listing and reading "
+                              f"({_LISTING_ATTEMPTS} listings); try again")
         with self._lock:
-            self._index = index
+            # Another thread on this handle may have committed or retired segments since `known`: keep what it
+            # did, or the erase that thread runs next would work on an index without its new copy.
+            current = self._index.manifests
+            manifests.update({s: m for s, m in current.items() if s not in known})
+            for gone in set(known) - set(current):
+                manifests.pop(gone, None)
+            self._index = Index.build(manifests)
             self._readers = {s: r for s, r in self._readers.items() if s in manifests}
 
     # ---------------------------------------------------------------------------------------------- writing
@@ -249,6 +259,8 @@ class GradStore:
         if order is None:
             with self._lock:
                 order = max(time.time_ns(), self._index.latest_order() + 1)
+        if copy_orders is not None and len(copy_orders) != len(data.ids):
+            raise AssertionError(f"{len(copy_orders)} commit orders for {len(data.ids)} examples")
         if copy_orders is not None and all(o == order for o in copy_orders):
             copy_orders = None
         manifest = dataclasses.replace(manifest, order=order,
@@ -482,10 +494,11 @@ class GradStore:
                 return ErasureReceipt(receipt_id, [], already, 0, 0, now)
             hashes = sorted(self.id_hash(k) for k in present)
             with self._lock:
-                horizon = self._index.latest_order()
-            # `horizon`: every copy this erasure means has a commit order at most this; a replay after a crash
-            # must not erase a copy appended (replace=True) after it.
-            journal = {"receipt": receipt_id, "hashes": hashes, "time": now, "horizon": horizon}
+                segments = self._index.holding(set(present))
+            # `segments`: where the copies this erasure means are. A replay after a crash rewrites only these (and
+            # their rewrites): a copy appended (replace=True) after the request must stay. Appends are all that
+            # can happen in between, since every mutation replays the journal first.
+            journal = {"receipt": receipt_id, "hashes": hashes, "time": now, "segments": segments}
             self._objects.write_new(f"{JOURNAL}/{receipt_id}.json", json.dumps(journal).encode())
             rewritten, removed = self._apply_erasure(journal, set(present))
         return ErasureReceipt(receipt_id, present, already, rewritten, removed, now)
@@ -494,25 +507,25 @@ class GradStore:
         """Tombstones, then segment rewrites, then drop the journal entry. Safe to repeat after a crash.
 
         Every copy of each ID goes, the shadowed ones too (an older copy left behind would be read again once
-        the newer one is gone). `keys`: the IDs, when the caller knows them; a replay after a crash knows only
-        the salted hashes, and looks for them in every live segment (a segment named at the time of the crash
-        may have been rewritten since by another process).
+        the newer one is gone). `keys`: the IDs, when the caller knows them (the request's own run, under the
+        lock). A replay after a crash knows only the salted hashes, and looks for them in the segments the
+        request named, or in the segments that replaced them if the crash came after some rewrites.
         """
         for h in journal["hashes"]:
             tombstone = {"hash": h, "erased_at": journal["time"], "receipt": journal["receipt"]}
             self._objects.write(f"{TOMBSTONES}/{h}.json", json.dumps(tombstone).encode())
-        horizon = journal.get("horizon")
-        if keys is None:
-            hashes = set(journal["hashes"])
-            with self._lock:
-                index = self._index
-            keys = {i for s in index.live for i in index.manifests[s].ids if self.id_hash(i) in hashes}
-        rewritten = removed = 0
         with self._lock:
-            segments = self._index.holding(keys)
+            index = self._index.snapshot()
+        if keys is None:
+            named = set(journal.get("segments") or index.live)
+            segments = [s for s in index.live if s in named or not named.isdisjoint(index.manifests[s].replaces)]
+            hashes = set(journal["hashes"])
+            keys = {i for s in segments for i in index.manifests[s].ids if self.id_hash(i) in hashes}
+        else:
+            segments = index.holding(keys)
+        rewritten = removed = 0
         for segment in segments:
-            freed = self._rewrite_segment(
-                segment, lambda i, order: i in keys and (horizon is None or order <= horizon))
+            freed = self._rewrite_segment(segment, lambda i, order: i in keys)
             rewritten += freed is not None
             removed += freed or 0
         self._objects.delete(f"{JOURNAL}/{journal['receipt']}.json")
@@ -634,7 +647,9 @@ class GradStore:
             orphans = self._remove_orphans()
             temporaries = self._objects.remove_stale_temporaries(ORPHAN_GRACE_S)
             with self._lock:
-                index = self._index
+                # A snapshot: another thread's commit on this handle must not change the positions between
+                # reading a segment's examples and recording their orders.
+                index = self._index.snapshot()
                 before = len(index.live)
                 small = [s for s in index.live if index.manifests[s].n_rows < small_rows]
             groups: list[list[str]] = []

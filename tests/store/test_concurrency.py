@@ -188,3 +188,25 @@ def test_iterating_while_this_handle_erases_compacts_or_replaces(tmp_path):
             if len(seen) == 1:
                 mutate(store)
         assert sorted(seen) == sorted(store.ids()), (n, seen)  # every example once; an erased one skipped
+
+
+def test_a_refresh_on_another_thread_between_commit_and_index_does_not_count_a_segment_twice(tmp_path):
+    store = GradStore.create(str(tmp_path / "store"), dim=4, vocab_size=100, dtype="float32")
+    with store.writer() as w:
+        w.append(["a"], [[1]], one_row(1.0))
+    commit = store.objects.write_new
+
+    def refresh_in_the_window(key, data):
+        created = commit(key, data)
+        if key.startswith("manifests/"):
+            thread = threading.Thread(target=store.refresh)
+            thread.start()
+            thread.join()
+        return created
+    store.objects.write_new = refresh_in_the_window
+    with store.writer() as w:
+        w.append(["b", "c"], [[2], [3]], one_row(2.0) + one_row(2.0))
+    store.objects.write_new = commit
+    assert store.ids() == ["a", "b", "c"] and store.stats().shadowed_copies == 0
+    store.compact(small_rows=1 << 20)
+    assert GradStore.open(store.uri).ids() == ["a", "b", "c"]

@@ -220,3 +220,36 @@ def test_a_crash_between_a_manifest_and_its_files_leaves_no_erased_bytes(tmp_pat
     assert reopened.is_erased("x") and reopened.ids() == ["y"]
     for path, data in all_bytes(uri):
         assert np.float32(1234.5678).tobytes() * 4 not in data, path
+
+
+def test_a_replay_spares_a_slow_append_whose_order_precedes_the_request(tmp_path):
+    """The appender takes its commit order, then its manifest lands late: meanwhile a later segment commits and an
+    erasure of the same ID is interrupted after its journal. The append returned, so its copy must survive the
+    replay, as it survives when the erasure is not interrupted."""
+    uri = str(tmp_path / "store")
+    store = GradStore.create(uri, dim=4, vocab_size=100, dtype="float32")
+    with store.writer() as w:
+        w.append(["x"], [[1]], [rows_of(1.0)])
+    appender, other, eraser = GradStore.open(uri), GradStore.open(uri), GradStore.open(uri)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+    eraser._apply_erasure = killed
+    commit, fired = appender.objects.write_new, []
+
+    def land_late(key, data):
+        if key.startswith("manifests/") and not fired:
+            fired.append(key)
+            with other.writer() as w:
+                w.append(["y"], [[2]], [rows_of(5.0)])
+            with pytest.raises(Killed):
+                eraser.erase(["x"])
+        return commit(key, data)
+    appender.objects.write_new = land_late
+    with appender.writer() as w:
+        w.append(["x"], [[3]], [rows_of(2.0)], replace=True)
+    reopened = GradStore.open(uri)  # replays the journal
+    assert reopened.get("x").rows[0, 0] == 2.0 and not list((Path(uri) / "journal").iterdir())

@@ -135,6 +135,8 @@ class GradStore:
         self._lock = threading.RLock()
         self._index = Index()
         self._readers: dict[str, SegmentReader] = {}
+        self._retired: set[str] = set()  # segments this handle retired
+        self._parsed: dict[str, Manifest] = {}  # manifests read by `refresh` (they never change)
         self._salt = bytes.fromhex(config.id_salt)
         self.refresh()
 
@@ -215,14 +217,18 @@ class GradStore:
             manifests = {s: m for s, m in known.items() if s in names}
             try:
                 for segment in sorted(names - set(known)):
-                    key = f"{MANIFESTS}/{segment}.json"
-                    manifests[segment] = Manifest.from_json(self._objects.read(key), f"{self.uri}/{key}",
-                                                            segment=segment)
+                    if segment not in self._parsed:  # read once: a retry after a vanished one only reads what is new
+                        key = f"{MANIFESTS}/{segment}.json"
+                        self._parsed[segment] = Manifest.from_json(self._objects.read(key), f"{self.uri}/{key}",
+                                                                   segment=segment)
+                    manifests[segment] = self._parsed[segment]
                 break
             except FileNotFoundError:
                 # Retired between listing and reading. Its successor was committed before it was retired, but
                 # perhaps after the listing: without a fresh listing its examples would vanish from the index.
                 continue
+            finally:
+                self._parsed = {s: m for s, m in self._parsed.items() if s in names}
         else:
             raise FormatError(f"{self.uri}: manifests kept vanishing between listing and reading "
                               f"({_LISTING_ATTEMPTS} listings); try again")
@@ -231,7 +237,7 @@ class GradStore:
             # did, or the erase that thread runs next would work on an index without its new copy.
             current = self._index.manifests
             manifests.update({s: m for s, m in current.items() if s not in known})
-            for gone in set(known) - set(current):
+            for gone in (set(known) - set(current)) | self._retired:
                 manifests.pop(gone, None)
             self._index = Index.build(manifests)
             self._readers = {s: r for s, r in self._readers.items() if s in manifests}
@@ -255,6 +261,12 @@ class GradStore:
         `copy_orders` [n]: each example's own.
         """
         segment = new_segment_id()
+        # A rewrite or merge (under the mutation lock) marks its output first: if it crashes before the commit,
+        # the next mutation deletes the files -- they hold live rows, and erased ones would otherwise stay until
+        # an orphan sweep an hour later. A writer's segments are left to that sweep (they may still be written).
+        marked = bool(replaces)
+        if marked:
+            self._objects.write(f"{RETIRING}/{segment}", b"")
         manifest = write_segment(self._objects, self.config, segment, data, replaces=replaces, writer=writer)
         if order is None:
             with self._lock:
@@ -267,6 +279,8 @@ class GradStore:
                                        orders=tuple(copy_orders) if copy_orders is not None else None)
         if not self._objects.write_new(f"{MANIFESTS}/{segment}.json", manifest.to_json()):
             raise FormatError(f"manifest of new segment {segment} already exists")  # a UUID collision
+        if marked:
+            self._objects.delete(f"{RETIRING}/{segment}")
         with self._lock:
             self._index.add(manifest)
         return manifest
@@ -516,16 +530,18 @@ class GradStore:
             self._objects.write(f"{TOMBSTONES}/{h}.json", json.dumps(tombstone).encode())
         with self._lock:
             index = self._index.snapshot()
+        # The request's segments and the ones that replaced them (a crash after some rewrites), whether this is
+        # the request's own run or a replay: a copy appended meanwhile, elsewhere, is not what it meant.
+        named = set(journal.get("segments") or index.live)
+        segments = [s for s in index.live if s in named or not named.isdisjoint(index.manifests[s].replaces)]
         if keys is None:
-            named = set(journal.get("segments") or index.live)
-            segments = [s for s in index.live if s in named or not named.isdisjoint(index.manifests[s].replaces)]
             hashes = set(journal["hashes"])
             keys = {i for s in segments for i in index.manifests[s].ids if self.id_hash(i) in hashes}
-        else:
-            segments = index.holding(keys)
+        horizon = journal.get("horizon") if "segments" not in journal else None  # an older journal's bound
         rewritten = removed = 0
         for segment in segments:
-            freed = self._rewrite_segment(segment, lambda i, order: i in keys)
+            freed = self._rewrite_segment(
+                segment, lambda i, order: i in keys and (horizon is None or order <= horizon))
             rewritten += freed is not None
             removed += freed or 0
         self._objects.delete(f"{JOURNAL}/{journal['receipt']}.json")
@@ -588,6 +604,7 @@ class GradStore:
         self._objects.delete_prefix(f"{SEGMENTS}/{segment}")
         self._objects.delete(f"{RETIRING}/{segment}")
         with self._lock:
+            self._retired.add(segment)  # names are never reused: a refresh that read it before must drop it
             self._index.remove(segment)
             self._readers.pop(segment, None)
 

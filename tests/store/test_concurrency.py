@@ -210,3 +210,29 @@ def test_a_refresh_on_another_thread_between_commit_and_index_does_not_count_a_s
     assert store.ids() == ["a", "b", "c"] and store.stats().shadowed_copies == 0
     store.compact(small_rows=1 << 20)
     assert GradStore.open(store.uri).ids() == ["a", "b", "c"]
+
+
+def test_a_refresh_does_not_bring_back_a_segment_another_thread_retired_while_it_read(tmp_path):
+    uri = str(tmp_path / "store")
+    store = GradStore.create(uri, dim=4, vocab_size=100, dtype="float32")
+    with store.writer() as w:
+        w.append(["a"], [[1]], one_row(1.0))
+    shared = GradStore.open(uri)
+    with store.writer() as w:  # another process commits x: unknown to `shared` until it refreshes
+        w.append(["x"], [[2]], one_row(2.0))
+    read, erased = shared.objects.read, []
+
+    def erase_in_between(key):
+        data = read(key)
+        if key.startswith("manifests/") and threading.current_thread().name == "lister" and not erased:
+            eraser = threading.Thread(target=lambda: erased.append(shared.erase(["x"])))
+            eraser.start()
+            eraser.join()  # erases x (retiring its segment) between the lister's read and its merge
+        return data
+    shared.objects.read = erase_in_between
+    lister = threading.Thread(target=shared.refresh, name="lister")
+    lister.start()
+    lister.join()
+    shared.objects.read = read
+    assert erased and erased[0].erased == ["x"]
+    assert "x" not in shared and shared.ids() == ["a"] and shared.is_erased("x")

@@ -253,3 +253,27 @@ def test_a_replay_spares_a_slow_append_whose_order_precedes_the_request(tmp_path
         w.append(["x"], [[3]], [rows_of(2.0)], replace=True)
     reopened = GradStore.open(uri)  # replays the journal
     assert reopened.get("x").rows[0, 0] == 2.0 and not list((Path(uri) / "journal").iterdir())
+
+
+def test_a_compaction_killed_before_its_commit_leaves_no_rows_an_erasure_must_remove(tmp_path, monkeypatch):
+    uri = str(tmp_path / "store")
+    store = GradStore.create(uri, dim=4, vocab_size=100, dtype="float32", codec="none")
+    for example_id, value in (("x", 4321.125), ("y", 1.0)):
+        with store.writer() as w:
+            w.append([example_id], [[1]], [rows_of(value)])
+
+    class Killed(BaseException):
+        pass
+    commit = store.objects.write_new
+
+    def killed_at_the_manifest(key, data):
+        if key.startswith("manifests/"):
+            raise Killed
+        return commit(key, data)
+    monkeypatch.setattr(store.objects, "write_new", killed_at_the_manifest)
+    with pytest.raises(Killed):
+        store.compact(small_rows=1 << 20)  # the merged segment's files (x's rows among them) are written
+    monkeypatch.undo()
+    GradStore.open(uri).erase(["x"])  # its first step deletes the crashed merge's files
+    for path, data in all_bytes(uri):
+        assert np.float32(4321.125).tobytes() * 4 not in data and b'"x"' not in data, path

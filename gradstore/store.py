@@ -40,6 +40,7 @@ from .errors import (
     InvalidInputError,
     NotAStoreError,
     ReadOnlyError,
+    StoreLockedError,
     StoreNotFoundError,
     UnknownIdError,
 )
@@ -181,7 +182,13 @@ class GradStore:
         config = StoreConfig.from_json(raw, objects.uri)
         store = cls(objects, config, read_only=read_only)
         if not read_only and objects.list_dir(JOURNAL):
-            store._replay_journal()
+            try:
+                # Without waiting: a journal entry under a live lock is an erasure running now, not a crashed
+                # one, and every mutation replays the journal before it starts anyway.
+                with mutation_lock(objects, timeout_s=0):
+                    store._replay_journal(locked=True)
+            except StoreLockedError:
+                pass
         return store
 
     @property

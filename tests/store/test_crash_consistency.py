@@ -200,3 +200,20 @@ def test_a_retired_manifest_is_durably_gone_before_its_segment_files_are_deleted
     deleted = events.index(("delete", f"manifests/{old}.json"))
     removed = events.index(("delete_prefix", f"segments/{old}"))
     assert ("_sync_dir", "manifests") in events[deleted:removed]
+
+
+def test_opening_a_store_while_another_process_erases_does_not_wait_for_it(tmp_path):
+    from gradstore._lock import mutation_lock
+
+    uri = Path(tmp_path / "store")
+    store = GradStore.create(str(uri), dim=DIM, vocab_size=VOCAB, dtype="float32")
+    tokens, rows = example(5)
+    with store.writer() as w:
+        w.append([1, 2], [tokens, tokens], [rows, rows])
+    (uri / "journal").mkdir(exist_ok=True)
+    (uri / "journal" / "running.json").write_text(json.dumps({"receipt": "running", "hashes": [], "time": 0}))
+    with mutation_lock(store.objects):  # an erasure in progress: its lock and its journal entry
+        started = time.monotonic()
+        assert sorted(GradStore.open(str(uri)).ids()) == [1, 2]
+        assert time.monotonic() - started < 5
+    assert (uri / "journal" / "running.json").exists()  # left to the erasure that owns it

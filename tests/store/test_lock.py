@@ -115,7 +115,7 @@ def test_a_stale_lock_is_broken_on_every_backend(any_objects):
 
 def test_two_processes_that_judge_the_same_lock_stale_do_not_both_take_it(tmp_path):
     """B reads the stale holder, then is descheduled while A breaks the lock and takes it. B's delete must not
-    remove A's lock: B waits until A releases (the interleaving of /tmp/review-store/b09)."""
+    remove A's lock: B waits until A releases."""
     root = tmp_path / "store"
     objects = LocalObjects(root)
     objects.write(LOCK_KEY, STALE)

@@ -5,6 +5,7 @@ Imported by the scripts beside it (run as `python benchmarks/<script>.py`, so th
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -33,6 +34,15 @@ def device_slug(device: str) -> str:
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def demo_benchmark_parser(doc: str, result: str) -> argparse.ArgumentParser:
+    """The options every CPU benchmark on the demo's setting shares: `--seed` and `--out` (default
+    benchmarks/results/`result`). `doc`: the script's docstring, whose first paragraph describes it."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS / result)
+    return p
 
 
 def save_cpu_result(out: Path, benchmark: str, setup: str, started: float, **payload: object) -> dict:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_device import RESULTS, save_cpu_result
+from bench_device import demo_benchmark_parser, save_cpu_result
 
 from gradstore import GradStore
 from gradstore_unlearn.demo import DEMO_SIZES, prepare_data, train_demo_model
@@ -38,10 +38,8 @@ from gradstore_unlearn.unlearn import ForgetConfig, Unlearner
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seed", type=int, default=0)
+    p = demo_benchmark_parser(__doc__, "embedding_sides_cpu.json")
     p.add_argument("--random-sets", type=int, default=3, help="random forget sets besides the demo's")
-    p.add_argument("--out", type=Path, default=RESULTS / "embedding_sides_cpu.json")
     return p.parse_args(argv)
 
 
@@ -96,7 +94,7 @@ def main(argv=None) -> None:
                 "forgotten records": encode(docs),
                 "retain-split records": encode([d for d in demo.train_docs
                                                 if d.kind == "record" and d.split == "retain"]),
-                "docstrings": encode([d for d in demo.train_docs if d.kind == "doc"]),
+                "docstrings": demo.trained_docstrings(),
             }
             before = {group: float(sequence_losses(model, seqs).double().mean()) for group, seqs in groups.items()}
             shutil.copytree(work / "store", work / "trial")

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_device import RESULTS, save_cpu_result
+from bench_device import demo_benchmark_parser, save_cpu_result
 
 from gradstore import GradStore
 from gradstore_unlearn.demo import DEMO_SIZES, prepare_data, train_demo_model
@@ -32,9 +32,7 @@ from gradstore_unlearn.unlearn import ForgetConfig, Unlearner
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS / "repair_effect_cpu.json")
+    p = demo_benchmark_parser(__doc__, "repair_effect_cpu.json")
     return p.parse_args(argv)
 
 

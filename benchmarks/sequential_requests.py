@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_device import RESULTS, save_cpu_result
+from bench_device import demo_benchmark_parser, save_cpu_result
 
 from gradstore_unlearn.demo import DEMO_SIZES, prepare_data, train_demo_model
 from gradstore_unlearn.evaluate import ks_test, mia_auc, perplexity, sequence_losses
@@ -28,9 +28,7 @@ from gradstore_unlearn.unlearn import ForgetConfig, Unlearner
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS / "sequential_requests_cpu.json")
+    p = demo_benchmark_parser(__doc__, "sequential_requests_cpu.json")
     return p.parse_args(argv)
 
 
@@ -41,7 +39,7 @@ def main(argv=None) -> None:
     demo = prepare_data(spec, args.seed)
     encode = demo.encode
     retain = encode([d for d in demo.train_docs if d.kind == "record" and d.split == "retain"])
-    docstrings = encode([d for d in demo.train_docs if d.kind == "doc"])
+    docstrings = demo.trained_docstrings()
     never_seen = encode(demo.judge_docs)
 
     work = Path(tempfile.mkdtemp(prefix="sequential-requests-"))

@@ -49,11 +49,7 @@ class Index:
 
     def latest_order(self) -> int:
         """The largest commit order of any live copy (0 for an empty store)."""
-        latest = 0
-        for segment in self.live:
-            manifest = self.manifests[segment]
-            latest = max(latest, manifest.order_key[0], max(manifest.orders, default=0) if manifest.orders else 0)
-        return latest
+        return max((self.manifests[s].latest_order for s in self.live), default=0)
 
     def snapshot(self) -> Index:
         """A copy that later commits and retirements on this handle do not change (for iterating)."""

@@ -17,6 +17,7 @@ segment without a manifest is invisible (and garbage-collected after a grace per
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -139,6 +140,11 @@ class Manifest:
             return self.order, self.segment
         prefix = self.segment.split("-", 1)[0]
         return (int(prefix) if prefix.isdigit() else 0), self.segment
+
+    @functools.cached_property
+    def latest_order(self) -> int:
+        """The largest commit order of its examples (computed once: a merge's `orders` may be long)."""
+        return max(self.order_key[0], max(self.orders, default=0) if self.orders else 0)
 
     def copy_order(self, position: int) -> int:
         """The commit order of the example at `position`: which of several copies of an ID is current."""

@@ -137,7 +137,6 @@ class GradStore:
         self._index = Index()
         self._readers: dict[str, SegmentReader] = {}
         self._retired: set[str] = set()  # segments this handle retired
-        self._parsed: dict[str, Manifest] = {}  # manifests read by `refresh` (they never change)
         self._salt = bytes.fromhex(config.id_salt)
         self.refresh()
 
@@ -213,6 +212,7 @@ class GradStore:
 
     def refresh(self) -> None:
         """Pick up segments committed (or retired) by other processes since the last look."""
+        parsed: dict[str, Manifest] = {}  # read once: a retry after a vanished one only reads what is new
         for _ in range(_LISTING_ATTEMPTS):
             # What this handle knew *before* listing: a segment it commits or retires itself while the listing
             # runs is then told apart from one another process did (see below).
@@ -224,18 +224,16 @@ class GradStore:
             manifests = {s: m for s, m in known.items() if s in names}
             try:
                 for segment in sorted(names - set(known)):
-                    if segment not in self._parsed:  # read once: a retry after a vanished one only reads what is new
+                    if segment not in parsed:
                         key = f"{MANIFESTS}/{segment}.json"
-                        self._parsed[segment] = Manifest.from_json(self._objects.read(key), f"{self.uri}/{key}",
-                                                                   segment=segment)
-                    manifests[segment] = self._parsed[segment]
+                        parsed[segment] = Manifest.from_json(self._objects.read(key), f"{self.uri}/{key}",
+                                                             segment=segment)
+                    manifests[segment] = parsed[segment]
                 break
             except FileNotFoundError:
                 # Retired between listing and reading. Its successor was committed before it was retired, but
                 # perhaps after the listing: without a fresh listing its examples would vanish from the index.
                 continue
-            finally:
-                self._parsed = {s: m for s, m in self._parsed.items() if s in names}
         else:
             raise FormatError(f"{self.uri}: manifests kept vanishing between listing and reading "
                               f"({_LISTING_ATTEMPTS} listings); try again")

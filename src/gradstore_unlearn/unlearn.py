@@ -404,15 +404,13 @@ class Unlearner:
         `ForgetError` (its report keeps the hashes of the IDs it named).
         """
         done = self._completed(request_id)
-        if done is not None:
-            self._check_same_examples(done, [normalize_id(i) for i in ids])
-        return done
-
-    def _check_same_examples(self, done: ForgetReport, keys: list[Any]) -> None:
-        asked = {self.store.id_hash(k) for k in keys}
+        if done is None:
+            return None
+        asked = {self.store.id_hash(normalize_id(i)) for i in ids}
         if asked != set(done.ids) | set(done.already_forgotten):
             raise ForgetError(f"request id {done.request_id!r} was already used for a different set of examples; "
                               "a repeated request must name the same IDs (or use a new request id)")
+        return done
 
     def _completed(self, request_id: str) -> ForgetReport | None:
         try:

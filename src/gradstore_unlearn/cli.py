@@ -127,23 +127,14 @@ def _resolve_id(store: Any, text: str, id_type: str = "auto") -> Any:
     return int(text)
 
 
-def _load_model(model_dir: str) -> tuple[Any, Any]:
-    from transformers.utils import logging as hf_logging
-
-    from .train import load_model
-
-    # transformers draws a "Loading weights" bar on stderr for every load: noise around a one-line error.
-    hf_logging.disable_progress_bar()
-    return load_model(model_dir)
-
-
 def _open_engine(args: argparse.Namespace, *, need_model: bool = True) -> Any:
     from gradstore import GradStore
 
+    from .train import load_model
     from .unlearn import ForgetConfig, Unlearner
 
     store = GradStore.open(args.store, storage_options=_storage_options(args))
-    model, tokenizer = _load_model(args.model)
+    model, tokenizer = load_model(args.model)
     holdout = None
     if getattr(args, "holdout", None):
         from .data import encode_documents, read_user_jsonl
@@ -188,19 +179,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = build_model(args.size if args.size in MODEL_SIZES else "tiny", len(tokenizer), preset.max_tokens,
                         seed=args.seed, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     options = _storage_options(args)
+    created = False
     try:
         store = GradStore.open(args.store, storage_options=options)
     except FileNotFoundError:
         store = GradStore.create(args.store, dim=model.config.n_embd, vocab_size=len(tokenizer), dtype=args.dtype,
                                  model_id=f"gpt2-{args.size}", capture_policy=args.capture, storage_options=options)
+        created = True
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     config = dataclasses.replace(config, device=device, pad_token_id=tokenizer.pad_token_id,
                                  autocast_dtype="bfloat16" if device == "cuda" else None)
-    result = train_model(model, sequences, [d.id for d in documents], config, store=store,
-                         capture_policy=args.capture, progress=not args.json)
-    save_model(model, tokenizer, args.out, extra={"train": config.to_dict(), "result": result.to_dict()})
-    if holdout:
-        save_reference_set(store, data.encode_documents(tokenizer, holdout, preset.max_tokens))
+    try:
+        result = train_model(model, sequences, [d.id for d in documents], config, store=store,
+                             capture_policy=args.capture, progress=not args.json)
+        save_model(model, tokenizer, args.out, extra={"train": config.to_dict(), "result": result.to_dict()})
+        if holdout:
+            save_reference_set(store, data.encode_documents(tokenizer, holdout, preset.max_tokens))
+    except BaseException:
+        # The captured rows belong to a model that was never saved: they can neither forget nor explain anything,
+        # and they are personal data. A store this command created goes with them; an existing one is left alone
+        # (its earlier examples are not ours to delete), with a word about what this run added.
+        if created:
+            store.objects.delete_prefix("")
+            print(f"gradstore: training failed; removed the store it had created at {args.store}",
+                  file=sys.stderr)
+        else:
+            print(f"gradstore: training failed; the examples this run captured remain in the existing store "
+                  f"{args.store}: erase them or start from a new store", file=sys.stderr)
+        raise
     capture = result.capture.to_dict() if result.capture else {}
     _print(args, {"model": str(args.out), "store": args.store, **result.to_dict()} | {"losses": None},
            format_pairs([("model", args.out), ("store", args.store), ("steps", result.steps),
@@ -230,9 +236,10 @@ def cmd_find(args: argparse.Namespace) -> int:
     from gradstore import GradStore
 
     from .fuzzy import ShingleIndex
+    from .train import load_model
 
     store = GradStore.open(args.store, storage_options=_storage_options(args), read_only=True)
-    _, tokenizer = _load_model(args.model)  # the store holds token IDs only: the text needs the model's tokenizer
+    _, tokenizer = load_model(args.model)  # the store holds token IDs only: the text needs the model's tokenizer
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer (tokenizer.json): find cannot encode the text")
     tokens = tokenizer(args.text, add_special_tokens=False)["input_ids"]

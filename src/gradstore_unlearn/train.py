@@ -207,7 +207,15 @@ def load_model(model_dir: str | os.PathLike[str], device: str = "cpu") -> tuple[
     path = Path(model_dir)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a saved model (no config.json)")
-    model = transformers.AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    # transformers draws a "Loading weights" bar on stderr for every load: noise around a one-line error in the
+    # command line, and a stray bar in the server's log. Off for this load only; the caller's setting is kept.
+    bar_was_enabled = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    finally:
+        if bar_was_enabled:
+            transformers.utils.logging.enable_progress_bar()
     if getattr(model, "loss_type", None) is None:
         model.loss_type = "ForCausalLM"  # as in build_model: the plain next-token loss, without a warning
     tokenizer = transformers.AutoTokenizer.from_pretrained(path) if (path / "tokenizer.json").exists() else None

@@ -195,3 +195,62 @@ def test_train_refuses_bad_values_before_writing_anything(tmp_path, capsys, argv
     code, _, err = run(capsys, "train", "--store", tmp_path / "store", "--out", tmp_path / "model", *argv)
     assert code == 2 and message in one_line_error(err)
     assert list(tmp_path.iterdir()) == []
+
+
+def _failing_train(monkeypatch, error: BaseException):
+    """`train_model` that captures one example, then fails as an interrupted or crashed run would."""
+    from gradstore_unlearn import train as train_module
+
+    real = train_module.train_model
+
+    def train_then_fail(model, sequences, ids, config, **kwargs):
+        real(model, sequences[:1], ids[:1], config, **kwargs)
+        raise error
+
+    monkeypatch.setattr(train_module, "train_model", train_then_fail)
+
+
+def _user_corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"id": f"doc-{i}", "text": f"record {i}: a short line of text"}) + "\n"
+                            for i in range(6)))
+    return path
+
+
+@pytest.mark.parametrize("error", [RuntimeError("CUDA out of memory"), KeyboardInterrupt()])
+def test_train_that_fails_removes_the_store_it_created(tmp_path, capsys, monkeypatch, error):
+    _failing_train(monkeypatch, error)
+    argv = ["train", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "model"),
+            "--data", str(_user_corpus(tmp_path)), "--epochs", "1"]
+    if isinstance(error, KeyboardInterrupt):
+        assert cli.main(argv) == 130
+    else:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            cli.main(argv)
+    assert not (tmp_path / "store").exists() and not (tmp_path / "model").exists()
+    assert "removed the store it had created" in capsys.readouterr().err
+
+
+def test_train_that_fails_leaves_an_existing_store_and_says_so(tmp_path, capsys, monkeypatch):
+    corpus = _user_corpus(tmp_path)
+    store = tmp_path / "store"
+    assert cli.main(["train", "--store", str(store), "--out", str(tmp_path / "model"), "--data", str(corpus),
+                     "--epochs", "1", "--json"]) == 0
+    before = len(GradStore.open(store).ids())
+    _failing_train(monkeypatch, RuntimeError("disk full"))
+    with pytest.raises(RuntimeError):
+        cli.main(["train", "--store", str(store), "--out", str(tmp_path / "again"), "--data", str(corpus),
+                  "--epochs", "1", "--json"])
+    assert len(GradStore.open(store).ids()) == before
+    assert "remain in the existing store" in capsys.readouterr().err
+
+
+def test_loading_a_model_draws_no_bar_and_keeps_the_callers_setting(ws, capfd):
+    import transformers
+
+    from gradstore_unlearn.train import load_model
+
+    transformers.utils.logging.enable_progress_bar()
+    load_model(ws / "model")
+    assert "Loading" not in capfd.readouterr().err
+    assert transformers.utils.logging.is_progress_bar_enabled()

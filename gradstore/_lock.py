@@ -23,6 +23,13 @@ for DeleteObject; moto honours it). Remaining window: a server that ignores `If-
 request) a second breaker could remove the lock the first has just taken. Release uses the same
 compare-and-delete, so a holder whose lease expired and whose lock was broken never deletes its successor's
 lock.
+
+A live holder renews its lease: a background thread rewrites the record with a fresh `acquired` every third of
+the lease, so an erasure or compaction that runs longer than the lease is not broken under it. Only a holder
+that stopped (killed, or stalled for two thirds of the lease) loses the lock. A renewal is a compare-and-replace
+of its own last record (`ObjectStore.replace_if_unchanged`), so a holder whose lock was broken never overwrites
+its successor's: atomic locally (under the same flock as breaking); on S3 it is read, compare, PUT, with the
+one-request window described above.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import json
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -95,16 +103,20 @@ def _is_stale(objects: ObjectStore, holder: _Holder | str, lease_s: float) -> bo
     return holder.host == socket.gethostname() and not _pid_alive(holder.pid)
 
 
+def _record(owner: str, acquired: float) -> bytes:
+    return json.dumps({"owner": owner, "pid": os.getpid(), "host": socket.gethostname(),
+                       "acquired": acquired}).encode()
+
+
 @contextmanager
 def mutation_lock(objects: ObjectStore, *, timeout_s: float = 60.0, lease_s: float = 3600.0) -> Iterator[str]:
     """Hold the store's mutation lock for the duration of the block; yields the owner token.
 
     Waits up to `timeout_s` for another holder, then raises `StoreLockedError`. A holder older than `lease_s`
-    (or dead on this host) is broken, see the module docstring.
+    (or dead on this host) is broken; the lease is renewed while the block runs. See the module docstring.
     """
     owner = uuid.uuid4().hex
-    record = json.dumps({"owner": owner, "pid": os.getpid(), "host": socket.gethostname(),
-                         "acquired": time.time()}).encode()
+    record = _record(owner, time.time())
     deadline = time.monotonic() + timeout_s
     delay = 0.01
     while not objects.write_new(LOCK_KEY, record):
@@ -124,12 +136,46 @@ def mutation_lock(objects: ObjectStore, *, timeout_s: float = 60.0, lease_s: flo
             raise StoreLockedError(_locked_message(objects, holder, timeout_s, lease_s))
         time.sleep(delay)
         delay = min(delay * 2, 0.5)
+    lease = _Lease(objects, owner, record, renew_every_s=lease_s / 3)
     try:
         yield owner
     finally:
-        # Compare-and-delete our own record: if our lease expired and another process broke the lock and took
-        # it, the object is theirs now and stays.
-        objects.delete_if_unchanged(LOCK_KEY, record)
+        # Compare-and-delete our own (latest) record: if our lease expired and another process broke the lock
+        # and took it, the object is theirs now and stays.
+        objects.delete_if_unchanged(LOCK_KEY, lease.stop())
+
+
+class _Lease:
+    """Renews a held lock's `acquired` from a daemon thread until `stop()`, which returns the record in place."""
+
+    def __init__(self, objects: ObjectStore, owner: str, record: bytes, *, renew_every_s: float):
+        self._objects, self._owner, self._record = objects, owner, record
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(renew_every_s,), name="gradstore-lock-lease",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, every_s: float) -> None:
+        while not self._stopped.wait(every_s):
+            fresh = _record(self._owner, time.time())
+            try:
+                if not self._objects.replace_if_unchanged(LOCK_KEY, self._record, fresh):
+                    return  # broken (we stalled past the lease) and perhaps taken: no longer ours to renew
+            except OSError:
+                # A failure of the object store. The write may still have landed (an answer lost): then the
+                # object holds `fresh`, and only that record lets the next renewal and the release recognise it.
+                try:
+                    if self._objects.read(LOCK_KEY) == fresh:
+                        self._record = fresh
+                except OSError:
+                    pass
+                continue  # the next renewal is early enough
+            self._record = fresh
+
+    def stop(self) -> bytes:
+        self._stopped.set()
+        self._thread.join()  # at most one renewal in flight: afterwards the record cannot change
+        return self._record
 
 
 def _locked_message(objects: ObjectStore, holder: _Holder | str | None, timeout_s: float, lease_s: float) -> str:

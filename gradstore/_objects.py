@@ -24,6 +24,8 @@ import shutil
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,19 @@ class ObjectStore(ABC):
         except FileNotFoundError:
             return False
         self.delete(key)
+        return True
+
+    def replace_if_unchanged(self, key: str, expected: bytes, data: bytes) -> bool:
+        """Overwrite `key` with `data` only if it still holds exactly `expected`; True if this call wrote it.
+
+        This generic version re-reads, compares, then writes, with the same window as `delete_if_unchanged`.
+        """
+        try:
+            if self.read(key) != expected:
+                return False
+        except FileNotFoundError:
+            return False
+        self.write(key, data)
         return True
 
     @abstractmethod
@@ -208,27 +223,46 @@ class LocalObjects(ObjectStore):
         return os.stat(self._path(key)).st_mtime
 
     def delete_if_unchanged(self, key: str, expected: bytes) -> bool:
-        # Every compare-and-delete of `key` holds an exclusive flock on a hidden guard file beside it, so no
-        # other deleter can remove the object between our read and our unlink; and nothing can replace an
-        # existing name (creation is create-only). So the object unlinked is the one compared. The guard file
-        # stays (a few bytes of inode, hidden from list_dir by its leading dot).
         path = self._path(key)
-        try:
-            fd = os.open(path.with_name(f".{path.name}.delete-guard"), os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:  # not even the directory exists
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                if path.read_bytes() != expected:
-                    return False
-            except FileNotFoundError:
+        with self._compare_guard(path) as guarded:
+            if not guarded or not self._holds(path, expected):
                 return False
             path.unlink()
             self._sync_dir(path.parent)
             return True
+
+    def replace_if_unchanged(self, key: str, expected: bytes, data: bytes) -> bool:
+        path = self._path(key)
+        with self._compare_guard(path) as guarded:
+            if not guarded or not self._holds(path, expected):
+                return False
+            self.write(key, data)
+            return True
+
+    @contextmanager
+    def _compare_guard(self, path: Path) -> Iterator[bool]:
+        # Every compare-and-delete and compare-and-replace of `path` holds an exclusive flock on a hidden guard
+        # file beside it, so no other of them can change the object between our read and our change; and nothing
+        # else can replace an existing name (creation is create-only). So the object changed is the one
+        # compared. The guard file stays (a few bytes of inode, hidden from list_dir by its leading dot). Yields
+        # False when not even the directory exists.
+        try:
+            fd = os.open(path.with_name(f".{path.name}.delete-guard"), os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            yield False
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield True
         finally:
             os.close(fd)  # releases the flock
+
+    @staticmethod
+    def _holds(path: Path, expected: bytes) -> bool:
+        try:
+            return path.read_bytes() == expected
+        except FileNotFoundError:
+            return False
 
     def list_dir(self, prefix: str) -> list[str]:
         try:

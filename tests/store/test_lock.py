@@ -181,3 +181,34 @@ def test_a_create_whose_answer_was_lost_is_recognised_as_ours(objects):
     with mutation_lock(objects, timeout_s=2):
         assert json.loads(objects.read(LOCK_KEY))["pid"] == os.getpid()
     assert time.monotonic() - started < 1 and not objects.exists(LOCK_KEY)
+
+
+def test_replace_if_unchanged_replaces_only_the_bytes_compared(any_objects):
+    assert not any_objects.replace_if_unchanged(LOCK_KEY, b"a", b"b")  # nothing there
+    any_objects.write(LOCK_KEY, b"a")
+    assert not any_objects.replace_if_unchanged(LOCK_KEY, b"other", b"b")
+    assert any_objects.read(LOCK_KEY) == b"a"
+    assert any_objects.replace_if_unchanged(LOCK_KEY, b"a", b"b")
+    assert any_objects.read(LOCK_KEY) == b"b"
+
+
+def test_a_live_holder_renews_its_lease_past_its_length(any_objects):
+    """An erasure that runs longer than the lease keeps the lock: a waiter does not break it."""
+    with mutation_lock(any_objects, timeout_s=1, lease_s=0.6) as owner:
+        first = json.loads(any_objects.read(LOCK_KEY))["acquired"]
+        with pytest.raises(StoreLockedError, match="another process"), \
+                mutation_lock(any_objects, timeout_s=1.5, lease_s=0.6):
+            pass
+        record = json.loads(any_objects.read(LOCK_KEY))
+        assert record["owner"] == owner and record["acquired"] > first
+    assert not any_objects.exists(LOCK_KEY)  # the release compares against the renewed record
+
+
+def test_a_holder_whose_lock_was_broken_does_not_renew_over_its_successor(objects):
+    successor = json.dumps({"owner": "next", "pid": os.getpid(), "host": "h", "acquired": time.time()}).encode()
+    with mutation_lock(objects, timeout_s=1, lease_s=0.15):
+        objects.delete(LOCK_KEY)  # broken while we stalled; another process took it
+        assert objects.write_new(LOCK_KEY, successor)
+        time.sleep(0.2)  # several renewal periods
+        assert objects.read(LOCK_KEY) == successor
+    assert objects.read(LOCK_KEY) == successor

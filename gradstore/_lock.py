@@ -92,10 +92,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _is_stale(objects: ObjectStore, holder: _Holder | str, lease_s: float) -> bool:
+def _is_stale(objects: ObjectStore, key: str, holder: _Holder | str, lease_s: float) -> bool:
     if isinstance(holder, str):  # an invalid record: judged by the object's own age
         try:
-            return time.time() - objects.modified(LOCK_KEY) > lease_s
+            return time.time() - objects.modified(key) > lease_s
         except FileNotFoundError:
             return False  # gone meanwhile: the next attempt to create it decides
     if time.time() - holder.acquired > lease_s:
@@ -109,8 +109,10 @@ def _record(owner: str, acquired: float) -> bytes:
 
 
 @contextmanager
-def mutation_lock(objects: ObjectStore, *, timeout_s: float = 60.0, lease_s: float = 3600.0) -> Iterator[str]:
-    """Hold the store's mutation lock for the duration of the block; yields the owner token.
+def mutation_lock(objects: ObjectStore, *, timeout_s: float = 60.0, lease_s: float = 3600.0,
+                  key: str = LOCK_KEY) -> Iterator[str]:
+    """Hold the store's mutation lock (or another lock object `key`, same rules) for the duration of the block;
+    yields the owner token.
 
     Waits up to `timeout_s` for another holder, then raises `StoreLockedError`. A holder older than `lease_s`
     (or dead on this host) is broken; the lease is renewed while the block runs. See the module docstring.
@@ -119,9 +121,9 @@ def mutation_lock(objects: ObjectStore, *, timeout_s: float = 60.0, lease_s: flo
     record = _record(owner, time.time())
     deadline = time.monotonic() + timeout_s
     delay = 0.01
-    while not objects.write_new(LOCK_KEY, record):
+    while not objects.write_new(key, record):
         try:
-            raw = objects.read(LOCK_KEY)
+            raw = objects.read(key)
         except FileNotFoundError:
             raw = None  # released between our attempt and the read
         if raw == record:
@@ -129,27 +131,27 @@ def mutation_lock(objects: ObjectStore, *, timeout_s: float = 60.0, lease_s: flo
         holder = _parse_holder(raw) if raw is not None else None
         # Delete only the exact bytes judged stale: if another process broke them first and took the lock, its
         # record differs and stays. After a break, try again at once.
-        if holder is not None and _is_stale(objects, holder, lease_s) and objects.delete_if_unchanged(LOCK_KEY, raw):
+        if holder is not None and _is_stale(objects, key, holder, lease_s) and objects.delete_if_unchanged(key, raw):
             continue
         # Every other pass checks the deadline and backs off, whatever it read: nothing here may spin.
         if time.monotonic() > deadline:
-            raise StoreLockedError(_locked_message(objects, holder, timeout_s, lease_s))
+            raise StoreLockedError(_locked_message(objects, key, holder, timeout_s, lease_s))
         time.sleep(delay)
         delay = min(delay * 2, 0.5)
-    lease = _Lease(objects, owner, record, renew_every_s=lease_s / 3)
+    lease = _Lease(objects, key, owner, record, renew_every_s=lease_s / 3)
     try:
         yield owner
     finally:
         # Compare-and-delete our own (latest) record: if our lease expired and another process broke the lock
         # and took it, the object is theirs now and stays.
-        objects.delete_if_unchanged(LOCK_KEY, lease.stop())
+        objects.delete_if_unchanged(key, lease.stop())
 
 
 class _Lease:
     """Renews a held lock's `acquired` from a daemon thread until `stop()`, which returns the record in place."""
 
-    def __init__(self, objects: ObjectStore, owner: str, record: bytes, *, renew_every_s: float):
-        self._objects, self._owner, self._record = objects, owner, record
+    def __init__(self, objects: ObjectStore, key: str, owner: str, record: bytes, *, renew_every_s: float):
+        self._objects, self._key, self._owner, self._record = objects, key, owner, record
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(renew_every_s,), name="gradstore-lock-lease",
                                         daemon=True)
@@ -159,13 +161,13 @@ class _Lease:
         while not self._stopped.wait(every_s):
             fresh = _record(self._owner, time.time())
             try:
-                if not self._objects.replace_if_unchanged(LOCK_KEY, self._record, fresh):
+                if not self._objects.replace_if_unchanged(self._key, self._record, fresh):
                     return  # broken (we stalled past the lease) and perhaps taken: no longer ours to renew
             except OSError:
                 # A failure of the object store. The write may still have landed (an answer lost): then the
                 # object holds `fresh`, and only that record lets the next renewal and the release recognise it.
                 try:
-                    if self._objects.read(LOCK_KEY) == fresh:
+                    if self._objects.read(self._key) == fresh:
                         self._record = fresh
                 except OSError:
                     pass
@@ -178,11 +180,12 @@ class _Lease:
         return self._record
 
 
-def _locked_message(objects: ObjectStore, holder: _Holder | str | None, timeout_s: float, lease_s: float) -> str:
-    where = f"{objects.uri}/{LOCK_KEY}"
+def _locked_message(objects: ObjectStore, key: str, holder: _Holder | str | None, timeout_s: float,
+                    lease_s: float) -> str:
+    where = f"{objects.uri}/{key}"
     if isinstance(holder, _Holder):
-        return (f"{where}: another process (pid {holder.pid} on {holder.host}) is erasing or compacting; "
-                f"gave up after {timeout_s:g} s")
+        doing = "erasing or compacting" if key == LOCK_KEY else "holds this lock"
+        return f"{where}: another process (pid {holder.pid} on {holder.host}) {doing}; gave up after {timeout_s:g} s"
     if isinstance(holder, str):
         return (f"{where}: the mutation lock object is not a valid lock record ({holder}); gave up after "
                 f"{timeout_s:g} s. It is treated as stale once older than the lease ({lease_s:g} s); if no "

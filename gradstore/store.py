@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import hmac
 import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
 TOMBSTONES = "tombstones"
 JOURNAL = "journal"
 AUDIT = "audit"
+_AUDIT_NAME = re.compile(r"[0-9]{20}-[0-9a-f]{8}")
+_LOCK_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 _READ_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gradstore-read")
 _LISTING_ATTEMPTS = 20  # a listing whose manifests vanish before they are read is taken again
 _READ_ATTEMPTS = 5  # a read whose segment was retired meanwhile is looked up again (each retry: a mutation landed)
@@ -717,12 +721,34 @@ class GradStore:
         return removed
 
     # --------------------------------------------------------------------------------------------- records
-    def append_audit(self, record: dict[str, Any]) -> str:
-        """Append one audit record (JSON object; must not hold raw IDs). Returns its key."""
+    def audit_name(self) -> str:
+        """A fresh name for an audit record: the time first, so that names sort oldest first."""
+        return f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+
+    def append_audit(self, record: dict[str, Any], *, name: str | None = None) -> str:
+        """Append one audit record (JSON object; must not hold raw IDs). Returns its key.
+
+        `name` (from `audit_name()`, chosen before a multi-step operation and kept in its journal) makes the
+        append idempotent: a replay after a crash that had already appended it writes nothing twice.
+        """
         self._check_writable()
-        key = f"{AUDIT}/{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+        name = name or self.audit_name()
+        if not _AUDIT_NAME.fullmatch(name):
+            raise InvalidInputError(f"not an audit record name: {name!r} (use GradStore.audit_name())")
+        key = f"{AUDIT}/{name}.json"
         self._objects.write_new(key, json.dumps(record, sort_keys=True).encode())
         return key
+
+    @contextlib.contextmanager
+    def lock(self, name: str, *, timeout_s: float = 60.0) -> Iterator[str]:
+        """Hold the store's lock `name` (object `locks/<name>.json`) for the block: for components that keep
+        their own records in the store and must not interleave (the engine's forget commits). The same object
+        rules as the mutation lock: create-only, a lease renewed while held, stale holders broken by
+        compare-and-delete. Raises `StoreLockedError` after `timeout_s`."""
+        if not _LOCK_NAME.fullmatch(name) or name == "mutation":
+            raise InvalidInputError(f"not a lock name: {name!r} (lowercase letters, digits, '-'; not 'mutation')")
+        with mutation_lock(self._objects, timeout_s=timeout_s, key=f"locks/{name}.json") as owner:
+            yield owner
 
     def audit_log(self) -> list[dict[str, Any]]:
         """Every audit record, oldest first."""

@@ -7,12 +7,16 @@ ablations need the same quantities on the model as it is now. Everything here me
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 
 from .capture import IGNORE_INDEX
+
+log = logging.getLogger("gradstore_unlearn")
 
 
 def _batches(sequences: Sequence[Sequence[int]], batch_size: int, pad_token_id: int, device: torch.device
@@ -129,24 +133,38 @@ def embedding_hvp(model: torch.nn.Module, sequences: Sequence[Sequence[int]], ve
     return out
 
 
+class InverseHvpError(ValueError):
+    """The inverse Hessian-vector product has no reliable answer with these settings (the message says why)."""
+
+
 def inverse_hvp(model: torch.nn.Module, sequences: Sequence[Sequence[int]], vector: torch.Tensor, *,
                 damping: float = 0.01, method: str = "cg", iterations: int = 50, tolerance: float = 1e-6,
                 lissa_scale: float = 10.0, pad_token_id: int = 0) -> torch.Tensor:
     """(H + damping I)^-1 v over the embedding matrix, by conjugate gradient (default) or LiSSA.
 
-    CG needs H + damping I positive definite: the damping covers the small negative curvature of a model away
-    from a minimum. LiSSA iterates x <- v + (I - (H + damping I) / scale) x and returns x / scale; it converges
-    when `scale` exceeds the largest eigenvalue.
+    CG needs H + damping I positive definite. A trained model away from an exact minimum has negative
+    curvature (measured on the test world's model: smallest eigenvalue -0.37), which a small damping does not
+    cover: CG then meets a direction p with p^T (H + damping I) p <= 0 and its answer is meaningless, so it
+    raises `InverseHvpError` naming the curvature and the damping that would cover it. LiSSA iterates
+    x <- v + (I - (H + damping I) / scale) x and returns x / scale; it converges when `scale` exceeds the
+    largest eigenvalue and the damping covers the smallest; a run whose iterate grows without bound raises.
+    An answer that did not converge within `iterations` is returned with a warning in the log.
     """
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         return embedding_hvp(model, sequences, x, pad_token_id=pad_token_id) + damping * x
 
     v = vector.float()
+    v_norm = float(v.norm())
     if method == "lissa":
         x = v.clone()
         for _ in range(iterations):
             x = v + x - apply(x) / lissa_scale
+            size = float(x.norm())
+            if not math.isfinite(size) or size > 1e6 * max(v_norm, 1e-30):
+                raise InverseHvpError(f"LiSSA diverged (|x| = {size:.3g} from |v| = {v_norm:.3g}): raise lissa_scale "
+                                      f"above the largest eigenvalue of H (now {lissa_scale:g}) or the damping "
+                                      f"above the magnitude of its most negative one (now {damping:g})")
         return x / lissa_scale
     if method != "cg":
         raise ValueError(f"unknown inverse-HVP method {method!r}; choose 'cg' or 'lissa'")
@@ -159,10 +177,21 @@ def inverse_hvp(model: torch.nn.Module, sequences: Sequence[Sequence[int]], vect
         if rs <= threshold:
             break
         hp = apply(p)
-        alpha = rs / float((p * hp).sum())
+        curvature = float((p * hp).sum())
+        if curvature <= 0:
+            per_unit = curvature / float((p * p).sum())
+            raise InverseHvpError(
+                f"H + damping I is not positive definite: curvature {per_unit:.3g} along a conjugate-gradient "
+                f"direction with damping {damping:g}; the damping must exceed the magnitude of H's most negative "
+                f"eigenvalue, so at least {damping - per_unit:.3g} (the curvature met so far)")
+        alpha = rs / curvature
         x += alpha * p
         r -= alpha * hp
         rs_new = float((r * r).sum())
         p = r + (rs_new / rs) * p
         rs = rs_new
+    else:
+        if rs > threshold:
+            log.warning("inverse HVP: conjugate gradient did not converge in %d iterations (relative residual "
+                        "%.3g > tolerance %.3g)", iterations, math.sqrt(rs / max(v_norm**2, 1e-30)), tolerance)
     return x

@@ -12,7 +12,8 @@ import math
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,20 +203,29 @@ def save_model(model: transformers.PreTrainedModel, tokenizer: Any, out_dir: str
     return out
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars from transformers inside the block; the caller's setting is restored after.
+
+    transformers draws a bar on stderr for every load ("Loading weights") and save ("Writing model shards"):
+    noise around a one-line error in the command line, and stray lines in the server's log.
+    """
+    bar_was_enabled = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar_was_enabled:
+            transformers.utils.logging.enable_progress_bar()
+
+
 def load_model(model_dir: str | os.PathLike[str], device: str = "cpu") -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) from a directory written by `save_model`."""
     path = Path(model_dir)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a saved model (no config.json)")
-    # transformers draws a "Loading weights" bar on stderr for every load: noise around a one-line error in the
-    # command line, and a stray bar in the server's log. Off for this load only; the caller's setting is kept.
-    bar_was_enabled = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()
-    try:
+    with quiet_transformers():
         model = transformers.AutoModelForCausalLM.from_pretrained(path).to(device).eval()
-    finally:
-        if bar_was_enabled:
-            transformers.utils.logging.enable_progress_bar()
     if getattr(model, "loss_type", None) is None:
         model.loss_type = "ForCausalLM"  # as in build_model: the plain next-token loss, without a warning
     tokenizer = transformers.AutoTokenizer.from_pretrained(path) if (path / "tokenizer.json").exists() else None

@@ -39,12 +39,14 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import random
+import re
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradstore import GradStore, InvalidInputError, UnknownIdError
+from gradstore import GradStore, InvalidInputError, StoreLockedError, UnknownIdError
 from gradstore._encoding import normalize_id
 from gradstore_kernels import ascent_score, topk_influence
 
@@ -61,6 +63,7 @@ from .evaluate import context_length, sequence_losses
 from .fuzzy import Match, ShingleIndex
 from .gradients import embedding_gradient, inverse_hvp, sparse_rows
 from .tables import format_pairs
+from .train import quiet_transformers
 
 log = logging.getLogger("gradstore_unlearn")
 
@@ -70,6 +73,10 @@ LAYERS = ("embedding", "last2", "all")
 REQUESTS = "requests"  # requests/<request id>.json: the report of each completed request (idempotency)
 FORGET_JOURNAL = "forget-journal"  # forget-journal/<request id>.json: a request between model save and erase
 REFERENCE_KEY = "reference/holdout.json"
+COMMIT_LOCK = "forget-commit"  # the store lock a forget's commit and a recovery hold (locks/forget-commit.json)
+COMMIT_LOCK_TIMEOUT_S = 600.0  # a commit erases from the store: minutes on a large one
+# Request ids become object names (requests/<id>.json): no separators, no dot-dot, bounded length.
+REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 @dataclass
@@ -125,8 +132,29 @@ class ForgetConfig:
             raise InvalidInputError(f"layers must be one of {LAYERS}, got {self.layers!r}")
         if self.stored_epochs not in ("first", "all"):
             raise InvalidInputError(f"stored_epochs must be 'first' or 'all', got {self.stored_epochs!r}")
-        if not 0 < self.retain_tolerance < 10 or not 0 < self.target_tolerance < 1:
-            raise InvalidInputError("retain_tolerance and target_tolerance must be positive fractions")
+        if self.guard not in ("perplexity", "loss"):
+            raise InvalidInputError(f"guard must be 'perplexity' or 'loss', got {self.guard!r}")
+        for name in ("calibrate", "repair"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        # Every number is checked here, when the configuration is made, not half-way through a request.
+        ranges = {"retain_tolerance": (0, 10), "target_tolerance": (0, 1), "ownership_power": (None, None),
+                  "initial_scale": (0, None), "iterative_step": (0, None), "confidence_power": (None, None)}
+        for name, (above, below) in ranges.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
+            if (above is not None and value <= above) or (below is not None and value >= below):
+                bounds = " and ".join(([f"> {above}"] if above is not None else [])
+                                      + ([f"< {below}"] if below is not None else []))
+                raise InvalidInputError(f"{name} must be {bounds}, got {value!r}")
+        if self.ownership_power < 0 or self.confidence_power < 0:
+            raise InvalidInputError("ownership_power and confidence_power must be >= 0")
+        for name, least in (("bisect_steps", 0), ("max_iterations", 0), ("retain_sample", 1), ("batch_size", 1),
+                            ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InvalidInputError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
 @dataclass
@@ -203,6 +231,14 @@ class ForgetReport:
         return f"{len(below)} of {len(self.examples)}"
 
 
+def check_request_id(request_id: Any) -> str:
+    """`request_id` if it can name a request (it becomes an object name in the store), else `ForgetError`."""
+    if not isinstance(request_id, str) or not REQUEST_ID.fullmatch(request_id):
+        raise ForgetError(f"invalid request id {request_id!r}: 1 to 128 characters from letters, digits and "
+                          "'._:-', starting with a letter or digit")
+    return request_id
+
+
 def model_hash(model: torch.nn.Module) -> str:
     """sha256 over the parameters' names, dtypes, shapes and bytes (tied parameters counted once)."""
     digest = hashlib.sha256()
@@ -217,21 +253,49 @@ def model_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def save_weights_atomically(model: Any, model_dir: str | os.PathLike[str]) -> None:
-    """Replace `model.safetensors` in `model_dir` in one rename: a crash leaves the old or the new weights."""
+def save_weights_atomically(model: Any, model_dir: str | os.PathLike[str],
+                            on_staged: Callable[[dict[str, str]], None] | None = None) -> None:
+    """Replace the weights in `model_dir`, each file in one rename: a crash leaves the old or the new weights.
+
+    The files are written and fsynced beside their final names first; `on_staged` then receives their sha256
+    digests ({file name: hex}) before any is renamed into place, so that a journal can say which weights a
+    request saved (see `weights_on_disk`). Sharded weights move their index last.
+    """
     directory = Path(model_dir)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        for name in os.listdir(tmp):
-            if name.endswith(".safetensors"):
-                with open(Path(tmp) / name, "rb") as f:
-                    os.fsync(f.fileno())
-                os.replace(Path(tmp) / name, directory / name)
+        with quiet_transformers():
+            model.save_pretrained(tmp, safe_serialization=True)
+        names = sorted(n for n in os.listdir(tmp) if n.endswith((".safetensors", ".safetensors.index.json")))
+        digests = {}
+        for name in names:
+            with open(Path(tmp) / name, "rb") as f:
+                os.fsync(f.fileno())
+            digests[name] = _file_sha256(Path(tmp) / name)
+        if on_staged is not None:
+            on_staged(digests)
+        for name in sorted(names, key=lambda n: n.endswith(".json")):  # shards before the index naming them
+            os.replace(Path(tmp) / name, directory / name)
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def weights_on_disk(model_dir: str | os.PathLike[str], digests: dict[str, str]) -> bool:
+    """Whether `model_dir` holds exactly the weight files `save_weights_atomically` staged with these digests."""
+    try:
+        return all(_file_sha256(Path(model_dir) / name) == digest for name, digest in digests.items())
+    except FileNotFoundError:
+        return False
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_reference_set(store: GradStore, sequences: Sequence[Sequence[int]]) -> None:
@@ -272,12 +336,22 @@ class Unlearner:
                 f"(embedding {tuple(embedding.weight.shape)})")
         self.holdout = [list(s) for s in holdout] if holdout is not None else load_reference_set(store)
         self._retain = [list(s) for s in retain] if retain is not None else None
+        vocab = embedding.weight.shape[0]
+        for name, sequences in (("holdout", self.holdout), ("retain", self._retain)):
+            for i, sequence in enumerate(sequences or []):
+                bad = [t for t in sequence if isinstance(t, bool) or not isinstance(t, numbers.Integral)
+                       or not 0 <= t < vocab]
+                if bad or len(sequence) < 2:
+                    problem = f"token {bad[0]!r} is not in [0, {vocab})" if bad else "it has fewer than 2 tokens"
+                    raise InvalidInputError(f"{name} sequence {i}: {problem} (token id lists of this model's "
+                                            "vocabulary, each at least 2 tokens long)")
         if pad_token_id is None:
             pad_token_id = getattr(tokenizer, "pad_token_id", None) or getattr(model.config, "pad_token_id", 0) or 0
         self.pad_token_id = int(pad_token_id)
         self._doc_freq: torch.Tensor | None = None
         self._index: ShingleIndex | None = None
-        self.recover()
+        self._installed: str | None = None  # the last request whose after-state this process saved (or holds)
+        self.recover(wait=False)  # a journal under a held lock is a commit running now, not a crashed one
 
     # ------------------------------------------------------------------------------------------- helpers
     @property
@@ -403,7 +477,7 @@ class Unlearner:
         A request id names one request: asking for it again with other examples than it forgot raises
         `ForgetError` (its report keeps the hashes of the IDs it named).
         """
-        done = self._completed(request_id)
+        done = self._completed(check_request_id(request_id))
         if done is None:
             return None
         asked = {self.store.id_hash(normalize_id(i)) for i in ids}
@@ -424,6 +498,14 @@ class Unlearner:
         """Forget the examples with these IDs (see the module docstring). Idempotent per `request_id`."""
         if mode not in MODES:
             raise ForgetError(f"unknown mode {mode!r}; choose one of {MODES}")
+        if request_id is not None:
+            check_request_id(request_id)
+        if isinstance(ids, (str, bytes)):
+            raise ForgetError(f"ids must be a list of IDs, not one {type(ids).__name__} ({ids!r}): "
+                              f"write [{ids!r}]")
+        # A commit that failed after its weights were saved (an erasure that raised) is finished first, so
+        # that repeating the request returns its report instead of moving the model a second time.
+        self.recover()
         present, already = self.resolve(ids)
         if request_id is not None and not dry_run:
             done = self.completed_request(request_id, present + already)
@@ -454,7 +536,16 @@ class Unlearner:
             log.warning("request %s: %s", request_id, report.message)
             return report
         report.model_hash_after = model_hash(self.model)
-        self._commit(present, report)
+        try:
+            self._commit(present, report)
+        except BaseException:
+            if self._installed != request_id:
+                # Failed before the new weights were in place: the disk holds the before-state, and so must
+                # the model in memory, or the next request would start from (and audit) weights never saved.
+                with torch.no_grad():
+                    for name, param in self._parameters():
+                        param.copy_(original[name])
+            raise
         report.seconds = time.perf_counter() - start
         return report
 
@@ -518,15 +609,23 @@ class Unlearner:
 
         def apply(scale: float) -> tuple[float, float]:
             nonlocal evaluations
+            scaled = lrs * (scale * unit)
+            if not bool(torch.isfinite(scaled).all()):
+                return math.nan, math.nan  # learning rates beyond float32's range: too far, whatever they did
             with torch.no_grad():
                 weight.copy_(base["embedding"])
-                ascent_score(weight, offsets, tokens, rows, lrs * (scale * unit))
+                ascent_score(weight, offsets, tokens, rows, scaled)
                 for (name, param), g in zip(params[1:], forget_extra, strict=True):
                     param.copy_(base[name] + scale * unit * g * (norm / max(float(g.norm()), 1e-12)))
             evaluations += 2
             return float(self._losses(sequences).mean()), self._guard_loss(retain)
 
-        scale, (f, r) = self._search(apply, target, admissible, cfg.initial_scale)
+        if self._reached(float(forget_before.mean()), target):
+            # Already as unknown as never-seen examples (a record the model never learned): no step at all;
+            # forgetting is then the erasure alone.
+            scale, (f, r) = 0.0, (float(forget_before.mean()), retain_before)
+        else:
+            scale, (f, r) = self._search(apply, target, admissible, cfg.initial_scale)
         report.scale = scale * unit
         report.iterations = 1
         targets = torch.full_like(forget_before, target)
@@ -549,7 +648,9 @@ class Unlearner:
             distinct = np.unique(np.asarray(s, dtype=np.int64))
             report.examples.append({"loss_before": float(before), "loss_after": float(after), "target": float(goal),
                                     "tokens": len(distinct), "owned_tokens": int((shares[distinct] >= 0.5).sum())})
-        if self._reached(f, target) and (not retain or r <= limit):
+        # A fixed step (calibrate=False) may also land past the target band: over-unlearning, not success.
+        within = cfg.calibrate or f <= target * (1 + cfg.target_tolerance)
+        if self._reached(f, target) and (not retain or r <= limit) and within:
             report.status = "forgotten"
         elif not cfg.calibrate:  # a fixed step is applied as is: say where it landed, guard included
             guard = "within" if not retain or r <= limit else "beyond"
@@ -570,34 +671,57 @@ class Unlearner:
         """Bracket, then bisect, the scale whose forget loss reaches `target` without breaking the guard.
 
         Returns the chosen scale and its (forget, retain) losses; the model is left at that scale. Past the
-        target (or past the guard) counts as too far: the answer is the smallest scale that reaches the target,
-        or, if the guard breaks first, the largest admissible scale.
+        target (or past the guard, or a loss that is not finite) counts as too far: the answer is the smallest
+        scale that reaches the target, or, if the guard breaks first, the largest admissible scale.
         """
         cfg = self.config
         if not cfg.calibrate:
             return initial, apply(initial)
+        low_band, high_band = target * (1 - cfg.target_tolerance), target * (1 + cfg.target_tolerance)
+
+        def too_far(result: tuple[float, float]) -> bool:
+            forget, retain = result
+            return not math.isfinite(forget) or not admissible(retain) or forget > high_band
+
+        def reached(result: tuple[float, float]) -> bool:
+            return not too_far(result) and result[0] >= low_band
+
         low, low_result = 0.0, None
         high, high_result = initial, apply(initial)
-        # grow until the target is reached or the guard breaks (that is the bracket's upper end)
-        grown = 0
-        while high_result[0] < target * (1 - cfg.target_tolerance) and admissible(high_result[1]) and grown < 40:
-            low, low_result = high, high_result
-            high *= 2.0
-            high_result = apply(high)
-            grown += 1
-        if high_result[0] < target * (1 - cfg.target_tolerance) and admissible(high_result[1]):
-            return high, high_result  # even a huge step does not reach the target (nothing to bisect)
+        if too_far(high_result):
+            # An initial scale far too large: shrink it geometrically to an admissible lower end first, or the
+            # bisection below (a fixed number of halvings) would end near zero, far short of the target.
+            for _ in range(40):
+                candidate = high / 16
+                result = apply(candidate)
+                if reached(result):
+                    return candidate, result
+                if not too_far(result):
+                    low, low_result = candidate, result
+                    break
+                high, high_result = candidate, result
+        else:
+            # grow until the target is reached or the guard breaks (that is the bracket's upper end)
+            grown = 0
+            while not reached(high_result) and not too_far(high_result) and grown < 40:
+                low, low_result = high, high_result
+                high *= 2.0
+                high_result = apply(high)
+                grown += 1
+            if not reached(high_result) and not too_far(high_result):
+                return high, high_result  # even a huge step does not reach the target (nothing to bisect)
+            if reached(high_result):
+                return high, high_result
         for _ in range(cfg.bisect_steps):
             mid = (low + high) / 2
             result = apply(mid)
-            too_far = not admissible(result[1]) or result[0] > target * (1 + cfg.target_tolerance)
-            if too_far:
+            if too_far(result):
                 high, high_result = mid, result
-            elif result[0] >= target * (1 - cfg.target_tolerance):
+            elif reached(result):
                 return mid, result  # within the target band and admissible
             else:
                 low, low_result = mid, result
-        if admissible(high_result[1]) and abs(high_result[0] - target) <= cfg.target_tolerance * target:
+        if reached(high_result):
             return high, apply(high)
         if low_result is None:
             return 0.0, apply(0.0)
@@ -608,7 +732,8 @@ class Unlearner:
                  params: list[tuple[str, torch.nn.Parameter]]) -> tuple[float, float, int, int, torch.Tensor]:
         """Fresh-gradient steps until the forgotten examples' losses match the holdout's.
 
-        Returns (forget mean loss, guard loss, iterations, loss evaluations, per-example targets float64 [n]).
+        Returns (forget mean loss, guard loss, fresh steps kept, loss evaluations, per-example targets
+        float64 [n]).
 
         Each step: the gradient through the embedding lookup, on the current model, of sum_i w_i L_i with
         w_i = t_i - L_i (every example pulled toward its own target t_i: up if below, down if above), rows
@@ -627,9 +752,9 @@ class Unlearner:
         target = float(holdout.mean())
         band = (target * (1 - cfg.target_tolerance), target * (1 + cfg.target_tolerance))
         r = self._guard_loss(retain)
-        evaluations, iterations = 2, 0
+        evaluations, taken = 2, 0  # taken: fresh steps kept (what the report calls iterations)
         shared = (1 - ownership)[:, None]
-        for iterations in range(1, cfg.max_iterations + 1):
+        for _ in range(cfg.max_iterations):
             if float(losses.mean()) >= band[0]:
                 break
             pull = (targets - losses).float()
@@ -654,9 +779,10 @@ class Unlearner:
                 r = self._guard_loss(retain)
                 evaluations += 2
                 log.debug("step %d (size %.3g): forget loss %.4f (target %.4f), retain loss %.4f (limit %.4f)",
-                          iterations, step, float(new_losses.mean()), target, r, limit)
+                          taken + 1, step, float(new_losses.mean()), target, r, limit)
                 if r <= limit and float(new_losses.mean()) <= band[1]:
                     losses = new_losses
+                    taken += 1
                     step *= 1.5
                     break
                 with torch.no_grad():
@@ -680,7 +806,7 @@ class Unlearner:
             else:
                 r = self._guard_loss(retain)
                 break  # no admissible step left: this is the best admissible point
-        return float(losses.mean()), r, iterations, evaluations, targets
+        return float(losses.mean()), r, taken, evaluations, targets
 
     def _repair(self, batch: list[list[int]], shared: torch.Tensor, size: float) -> None:
         """Descend the batch's loss on the rows the forgotten examples do not own, by half the ascent's size.
@@ -711,19 +837,30 @@ class Unlearner:
     def _commit(self, ids: list[Any], report: ForgetReport) -> None:
         """Save the model, erase the examples, record the audit — in an order that survives a crash anywhere.
 
-        The journal entry is written first (hashes only). A crash before the model is replaced leaves the
-        before-state on disk: recovery drops the entry (nothing happened; the request can be repeated). A
-        crash after it leaves the after-state: recovery finishes the erasure and the audit.
+        Under the store's `forget-commit` lock (so that another process's recovery cannot mistake this commit,
+        half done, for a crashed one). The journal entry (hashes only) is written first; once the new weights
+        are staged beside the old ones, their digests are added to it, and only then are they renamed into
+        place. So the weights on disk say whether the request took effect: recovery finishes the entry if they
+        are its staged weights (erasure, audit, record), and drops it otherwise (nothing happened; the request
+        can be repeated). Each step of the finish can be repeated: the audit record's name and the erasure
+        receipt are kept in the entry.
         """
         objects = self.store.objects
         keys = [k for i in ids for k in self._all_keys(i)]
-        entry = {"request_id": report.request_id, "keys": [self.store.id_hash(k) for k in keys],
+        entry = {"format": 2, "request_id": report.request_id, "keys": [self.store.id_hash(k) for k in keys],
                  "report": self._persisted(report), "model_hash_before": report.model_hash_before,
-                 "model_hash_after": report.model_hash_after}
-        objects.write(f"{FORGET_JOURNAL}/{report.request_id}.json", json.dumps(entry).encode())
-        if self.model_dir is not None:
-            save_weights_atomically(self.model, self.model_dir)
-        self._finish(entry, keys)
+                 "model_hash_after": report.model_hash_after, "audit_name": self.store.audit_name()}
+        journal_key = f"{FORGET_JOURNAL}/{report.request_id}.json"
+        with self.store.lock(COMMIT_LOCK, timeout_s=COMMIT_LOCK_TIMEOUT_S):
+            objects.write(journal_key, json.dumps(entry).encode())
+            if self.model_dir is not None:
+                def journal_weights(digests: dict[str, str]) -> None:
+                    entry["weights"] = digests
+                    objects.write(journal_key, json.dumps(entry).encode())
+
+                save_weights_atomically(self.model, self.model_dir, on_staged=journal_weights)
+            self._installed = report.request_id  # from here on the after-state is what a recovery finishes
+            self._finish(entry, keys)
         report.erasure_receipt = entry["report"].get("erasure_receipt")
 
     def _all_keys(self, example_id: Any) -> list[Any]:
@@ -743,7 +880,9 @@ class Unlearner:
         return doc
 
     def _finish(self, entry: dict[str, Any], keys: list[Any] | None) -> None:
+        """Erase, audit, record the request, drop the journal entry: each step safe to repeat after a crash."""
         objects = self.store.objects
+        journal_key = f"{FORGET_JOURNAL}/{entry['request_id']}.json"
         if keys is None:  # recovery: only hashes are known; find the live keys that hash to them
             wanted = set(entry["keys"])
             keys = [i for i in self.store.ids() if self.store.id_hash(i) in wanted]
@@ -751,6 +890,9 @@ class Unlearner:
             receipt = self.store.erase(keys)
             entry["report"]["erasure_receipt"] = receipt.receipt_id
             self._forget_frequencies(keys)
+            # Kept in the entry at once: a replay after a crash from here on finds nothing left to erase, and
+            # the receipt must still reach the audit record and the request's report.
+            objects.write(journal_key, json.dumps(entry).encode())
         audit = {"kind": "forget", "request_id": entry["request_id"], "time": time.time(),
                  "id_hashes": entry["report"]["ids"], "model_hash_before": entry["model_hash_before"],
                  "model_hash_after": entry["model_hash_after"], "scale": entry["report"].get("scale"),
@@ -761,36 +903,69 @@ class Unlearner:
                                    "retain_loss": entry["report"].get("retain_loss_after")},
                  "target_loss": entry["report"].get("target_loss"),
                  "erasure_receipt": entry["report"].get("erasure_receipt")}
-        self.store.append_audit(audit)
+        # Named in the entry (older entries have no name: at worst a repeat there writes a second record).
+        self.store.append_audit(audit, name=entry.get("audit_name"))
         objects.write_new(f"{REQUESTS}/{entry['request_id']}.json", json.dumps(entry["report"]).encode())
-        objects.delete(f"{FORGET_JOURNAL}/{entry['request_id']}.json")
+        objects.delete(journal_key)
 
     def _forget_frequencies(self, keys: list[Any]) -> None:
         self._doc_freq = None  # recomputed lazily from what the store still holds
         self._index = None
 
-    def recover(self) -> list[str]:
-        """Finish or roll back requests a crash interrupted. Returns the request ids it finished."""
+    def recover(self, *, wait: bool = True) -> list[str]:
+        """Finish or drop requests a crash (or a failed commit) interrupted. Returns the request ids it finished.
+
+        A request took effect if its weights are the ones on disk (`model_dir`; without one, if the model in
+        memory is its after-state): its erasure and audit are finished. Otherwise nothing of it happened, and
+        its entry is dropped. Runs under the commit lock; `wait=False` skips recovery if another process holds
+        it (that process is committing now, and its entries are not crashed ones).
+        """
+        objects = self.store.objects
+        if self.store.read_only or not objects.list_dir(FORGET_JOURNAL):
+            return []
+        try:
+            with self.store.lock(COMMIT_LOCK, timeout_s=COMMIT_LOCK_TIMEOUT_S if wait else 0):
+                return self._recover_locked()
+        except StoreLockedError:
+            if wait:
+                raise
+            return []
+
+    def _recover_locked(self) -> list[str]:
         objects = self.store.objects
         finished = []
         for name in objects.list_dir(FORGET_JOURNAL):
-            entry = json.loads(objects.read(f"{FORGET_JOURNAL}/{name}"))
-            current = model_hash(self.model)
-            if current == entry["model_hash_after"]:
+            try:
+                entry = json.loads(objects.read(f"{FORGET_JOURNAL}/{name}"))
+            except FileNotFoundError:
+                continue
+            if self._took_effect(entry):
                 self._finish(entry, None)
                 finished.append(entry["request_id"])
-            elif current == entry["model_hash_before"] or self.model_dir is None:
-                objects.delete(f"{FORGET_JOURNAL}/{name}")  # the model never changed on disk: nothing happened
             else:
-                raise ForgetError(f"request {entry['request_id']} was interrupted and the model matches neither "
-                                  "its before- nor its after-state; restore the model before continuing")
+                objects.delete(f"{FORGET_JOURNAL}/{name}")  # the weights never changed: nothing happened
         return finished
+
+    def _took_effect(self, entry: dict[str, Any]) -> bool:
+        if self.model_dir is not None and entry.get("format", 1) >= 2:
+            # No digests: the crash came before the new weights were staged, so none was renamed into place.
+            return "weights" in entry and weights_on_disk(self.model_dir, entry["weights"])
+        current = model_hash(self.model)
+        if current == entry["model_hash_after"]:
+            return True
+        if current == entry["model_hash_before"] or self.model_dir is None:
+            return False
+        # An entry from before the weights' digests were journaled, on a model in neither state: refuse to guess.
+        raise ForgetError(f"request {entry['request_id']} was interrupted and the model matches neither its "
+                          "before- nor its after-state; restore the model before continuing")
 
     # ------------------------------------------------------------------------------ fuzzy matching
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise ForgetError("matching a text needs the model's tokenizer (pass tokenizer=)")
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise ForgetError(f"the text to match must be a string, got {type(text).__name__}")
+        if not text.strip():
             raise ForgetError("the text to match is empty")
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -805,7 +980,15 @@ class Unlearner:
         """Stored examples whose token sequences match `text` (shingle Jaccard or containment >= threshold)."""
         if not 0 <= threshold <= 1:
             raise ForgetError(f"threshold must lie in [0, 1], got {threshold}")
-        return self.fuzzy_index().query(self._encode(text), threshold, metric=metric, limit=limit)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ForgetError(f"limit must be a positive integer or None, got {limit!r}")
+        tokens = self._encode(text)
+        index = self.fuzzy_index()
+        if len(tokens) < index.n:
+            # Shingles are n-grams: a shorter text is one whole-sequence shingle, which no longer record holds.
+            raise ForgetError(f"the text is {len(tokens)} token(s); matching compares {index.n}-token shingles, "
+                              f"so it needs at least {index.n} tokens")
+        return index.query(tokens, threshold, metric=metric, limit=limit)
 
     def forget_text(self, text: str, threshold: float = 0.5, *, metric: str = "jaccard", mode: str = "iterative",
                     request_id: str | None = None, dry_run: bool = False) -> tuple[list[Match], ForgetReport]:
@@ -875,22 +1058,27 @@ class Unlearner:
 
     # ------------------------------------------------------------------------------- influence (HVP)
     def hvp_influence(self, sequence: Sequence[int], train_sequences: Sequence[Sequence[int]], *,
-                      damping: float = 0.01, method: str = "cg", iterations: int = 30) -> float:
+                      damping: float = 0.01, method: str = "cg", iterations: int = 30,
+                      lissa_scale: float = 10.0) -> float:
         """Influence of an example on its own loss, g^T (H + damping I)^-1 g, over the embedding matrix.
 
         H is the Hessian of the mean loss of `train_sequences` (a sample of the training set) w.r.t. the
         embedding matrix; g the example's gradient there (the full gradient, output side included, since H is).
         Larger = the model's fit of this example depends more on it; forgetting should shrink it toward the
-        value of a never-seen example.
+        value of a never-seen example. A damping too small for the model's negative curvature raises
+        `InverseHvpError` (see `gradients.inverse_hvp`).
         """
         weight = self.model.get_input_embeddings().weight
-        from .gradients import _batches, own_mean_losses
+        from .gradients import _batches, _training_mode, own_mean_losses
 
-        with torch.enable_grad():
+        if len(sequence) < 2 or not train_sequences:
+            raise ForgetError("hvp_influence needs a sequence of at least 2 tokens and a non-empty training sample")
+        # Eval mode, as the Hessian-vector products below: with dropout on, g would be a random draw.
+        with _training_mode(self.model, False), torch.enable_grad():
             (_, input_ids, mask), = list(_batches([sequence], 1, self.pad_token_id, weight.device))
             (g,) = torch.autograd.grad(own_mean_losses(self.model, input_ids, mask).sum(), [weight])
         solved = inverse_hvp(self.model, train_sequences, g.float(), damping=damping, method=method,
-                             iterations=iterations, pad_token_id=self.pad_token_id)
+                             iterations=iterations, lissa_scale=lissa_scale, pad_token_id=self.pad_token_id)
         return float((g.float() * solved).sum())
 
 

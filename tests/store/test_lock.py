@@ -212,3 +212,30 @@ def test_a_holder_whose_lock_was_broken_does_not_renew_over_its_successor(object
         time.sleep(0.2)  # several renewal periods
         assert objects.read(LOCK_KEY) == successor
     assert objects.read(LOCK_KEY) == successor
+
+
+def test_named_store_locks_follow_the_same_rules(tmp_path):
+    from gradstore import GradStore, InvalidInputError
+
+    store = GradStore.create(tmp_path / "s", dim=4, vocab_size=8)
+    with store.lock("forget-commit") as owner:
+        assert json.loads(store.objects.read("locks/forget-commit.json"))["owner"] == owner
+        with pytest.raises(StoreLockedError, match="holds this lock"), store.lock("forget-commit", timeout_s=0):
+            pass
+        with store.lock("another", timeout_s=0):  # independent of other names
+            pass
+    assert not store.objects.exists("locks/forget-commit.json")
+    for bad in ("mutation", "../x", "Upper", ""):
+        with pytest.raises(InvalidInputError, match="not a lock name"), store.lock(bad):
+            pass
+
+
+def test_an_audit_record_appended_twice_under_one_name_is_kept_once(tmp_path):
+    from gradstore import GradStore, InvalidInputError
+
+    store = GradStore.create(tmp_path / "s", dim=4, vocab_size=8)
+    name = store.audit_name()
+    assert store.append_audit({"n": 1}, name=name) == store.append_audit({"n": 2}, name=name)
+    assert store.audit_log() == [{"n": 1}]
+    with pytest.raises(InvalidInputError, match="not an audit record name"):
+        store.append_audit({"n": 3}, name="../gradstore")

@@ -10,13 +10,20 @@ gradient at example i's embedding output depends on example i only. The loss the
 1/N over all target tokens of the batch (N = `num_items_in_batch` when the caller passes it, else the batch's
 target count), so the rows are rescaled by N / n_i (n_i = example i's target count) to become the gradient
 of *that example's own mean token loss* — what `gradstore_unlearn.evaluate.sequence_losses` measures and
-what the unlearning engine ascends.
+what the unlearning engine ascends. Under fp16 mixed precision the backward runs on the loss times a
+`GradScaler`'s dynamic scale; the rows are divided by the scale that backward used (read from the scaler's
+device tensor, so no host sync).
 
 Cost: nothing on the training stream waits for the host. The hook copies the per-position gradient (and the
 batch's token ids and masks) to pinned host memory on a side CUDA stream and records an event; a background
 thread waits on that event, selects the non-padding positions, sums repeated tokens in float32, rescales,
 and appends to the store (which compresses and writes). The queue between them is bounded: if the store falls
 behind, the training thread blocks — nothing is dropped — and the time it waited is reported as stall time.
+
+Failures: an example whose rows are not finite (a GradScaler overflow step, which the optimizer skips too) is
+not stored, and counted; it is captured the next time it is seen. Any other writer failure (store I/O, an ID
+already stored) is fatal: it is raised at the next captured forward and again by `close()`, which still
+commits every row appended before it.
 
 Plain PyTorch:
 
@@ -42,6 +49,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -50,7 +58,7 @@ from typing import Any
 import torch
 
 from gradstore import GradStore, InvalidInputError
-from gradstore._encoding import normalize_id
+from gradstore._encoding import MAX_ID_BYTES, normalize_id
 from gradstore_kernels import KernelInputError, token_cross_entropy
 
 log = logging.getLogger("gradstore_unlearn.capture")
@@ -82,6 +90,7 @@ class CaptureReport:
     examples_seen: int = 0
     examples_captured: int = 0
     examples_skipped: int = 0
+    examples_nonfinite: int = 0  # rows not finite (fp16 overflow steps): not stored, captured when next seen
     rows_captured: int = 0
     bytes_captured: int = 0
     bytes_transferred: int = 0
@@ -97,9 +106,10 @@ class LossConvention:
     """How the loss passed to `backward()` relates to the per-token cross-entropies.
 
     Hugging Face causal LMs return sum(ce) / N; training loops then often multiply that by a constant
-    (1 / gradient-accumulation steps, a gradient-scaler factor, the number of processes when tokens are
-    averaged across devices). `multiplier` is that constant as seen *when `num_items_in_batch` is passed*
-    and `multiplier_without_items` when it is not (the Trainer treats the two cases differently).
+    (1 / gradient-accumulation steps, the number of processes when tokens are averaged across devices).
+    `multiplier` is that constant as seen *when `num_items_in_batch` is passed* and `multiplier_without_items`
+    when it is not (the Trainer treats the two cases differently). A `GradScaler`'s factor is not constant:
+    pass the scaler to `GradientCapture` instead.
     """
 
     multiplier: float = 1.0
@@ -121,7 +131,9 @@ class _Step:
     lr: float | None
     multiplier: float
     losses: torch.Tensor | None = None
-    hooked: bool = False
+    hooked: bool = False  # a gradient hook is on the embedding output and has not fired yet
+    unhooked_output: torch.Tensor | None = None  # the embedding output, while it does not (yet) require grad
+    taken: bool = False  # the gradient was taken: later differentiations of this forward are ignored
 
 
 @dataclass
@@ -143,7 +155,11 @@ class GradientCapture:
         `all` (once per epoch; epoch e > 0 under the key `epoch_record_id(id, e)`), or `off`.
         Default: the store's capture policy.
     optimizer: if given, its learning rate and class name are recorded and its steps counted as global steps.
-    position_store: optionally also capture position-embedding rows (keyed by position) into a second store.
+    scaler: the `torch.amp.GradScaler` whose `scale(loss)` is backpropagated (fp16 mixed precision); rows are
+        divided by its current scale. Default: the optimizer's own when it has one (accelerate's
+        `AcceleratedOptimizer`, which is what the Hugging Face Trainer hands to callbacks).
+    position_store: optionally also capture position-embedding rows (keyed by position) into a second store
+        of the same dim, whose vocab_size is at least the longest sequence.
     record_loss: compute each example's own mean token loss from the logits (no grad) and store it.
     max_pending: bound of the queue to the writer, in batches; a full queue blocks training (stall time).
     transfer_dtype: dtype of the device-to-host copy (float32 keeps every bit until the single final rounding).
@@ -151,7 +167,8 @@ class GradientCapture:
     """
 
     def __init__(self, model: torch.nn.Module, store: GradStore, *, policy: str | None = None,
-                 optimizer: torch.optim.Optimizer | None = None, position_store: GradStore | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, scaler: Any = None,
+                 position_store: GradStore | None = None,
                  record_loss: bool = True, max_pending: int = 4, transfer_dtype: torch.dtype = torch.float32,
                  writer_buffer_bytes: int = 64 << 20, writer_name: str | None = None, writer_threads: int = 2,
                  loss_convention: LossConvention | None = None):
@@ -173,8 +190,13 @@ class GradientCapture:
         if embedding.weight.shape[0] > store.vocab_size:
             raise ValueError(f"the model's vocabulary ({embedding.weight.shape[0]}) exceeds the store's "
                              f"vocab_size ({store.vocab_size})")
+        if position_store is not None and position_store.dim != store.dim:
+            raise ValueError(f"the position store's dim is {position_store.dim}, the store's is {store.dim}: "
+                             "position rows are the same per-position gradient as token rows")
         self.embedding = embedding
-        # Wrapped optimizers (accelerate's AcceleratedOptimizer) keep the real one in `.optimizer`.
+        # Wrapped optimizers (accelerate's AcceleratedOptimizer) keep the real one in `.optimizer`, and the
+        # GradScaler that `accelerator.backward` multiplies the loss by in `.scaler`.
+        self.scaler = scaler if scaler is not None else getattr(optimizer, "scaler", None)
         self.optimizer = getattr(optimizer, "optimizer", optimizer)
         self.position_store = position_store
         self.record_loss = record_loss
@@ -202,6 +224,10 @@ class GradientCapture:
         self._report_lock = threading.Lock()
         self._error: BaseException | None = None
         self._copy_stream = None
+        self._closed = False
+        self._finalizer: weakref.finalize | None = None
+        self._warned_twice_differentiated = False
+        self._warned_no_logits = False
 
     # ------------------------------------------------------------------------------------------ lifecycle
     @property
@@ -239,9 +265,21 @@ class GradientCapture:
         self.close()
 
     def start(self) -> None:
-        """Install the hooks and start the background writer."""
+        """Install the hooks and start the background writer.
+
+        Refused on a closed capture (its writers are closed) and while another capture's hooks are on the
+        model: its forward pre-hook would take every batch's IDs first, and this capture would store nothing.
+        """
         if self._threads:
             return
+        if self._closed:
+            raise RuntimeError("this GradientCapture was closed (its writers with it); create a new one")
+        for hook in self.model._forward_pre_hooks.values():
+            other = getattr(hook, "__self__", None)
+            if isinstance(other, GradientCapture) and other is not self:
+                raise RuntimeError("another GradientCapture is active on this model (its hooks are "
+                                   "installed): close() it before starting a new one (after a Trainer's train() "
+                                   "raised, that is the callback's `capture`)")
         self._hooks = [
             self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             self.embedding.register_forward_hook(self._after_embedding),
@@ -253,9 +291,24 @@ class GradientCapture:
                                           daemon=True) for k, writer in enumerate(self._writers)]
         for thread in self._threads:
             thread.start()
+        # A capture that is never closed (an exception escaped a loop without `with`, or the Trainer's
+        # train() raised, so on_train_end never ran) still commits what it appended when the interpreter
+        # exits. The finalizer holds the capture (through the threads), so it runs at exit or is detached by
+        # close(), never earlier.
+        self._finalizer = weakref.finalize(self, _commit_at_exit, self._queue, self._threads,
+                                           self._all_writers())
 
     def close(self) -> CaptureReport:
-        """Remove the hooks, wait for the writer to finish, commit everything. Re-raises a writer failure."""
+        """Remove the hooks, wait for the writer to finish, commit everything. Re-raises a writer failure.
+
+        Every writer is closed (committing every row appended, also those appended before a failure) before a
+        failure is raised, so a failure loses only the batches it concerns.
+        """
+        if self._closed:
+            return self.report
+        self._closed = True
+        if self._finalizer is not None:
+            self._finalizer.detach()
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
@@ -264,22 +317,33 @@ class GradientCapture:
         for thread in self._threads:
             thread.join()
         self._threads = []
-        if self._error is None:
-            for writer in self._writers:
+        commit_errors = []
+        for writer in self._all_writers():
+            try:
                 writer.close()
-            if self._position_writer is not None:
-                self._position_writer.close()
-            # A distributed sampler may pad an epoch by repeating examples on other ranks: the same ID can then
-            # be captured twice. Once every rank has committed, one of them removes the extra copies.
-            if _barrier():
-                if torch.distributed.get_rank() == 0:
-                    self.store.refresh()
-                    self.store.remove_shadowed()
-                _barrier()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise RuntimeError(f"gradient capture failed in the background writer: {error}") from error
+            except Exception as err:  # the other writers' rows must still be committed
+                log.exception("gradient capture: committing writer %s failed", writer.name)
+                commit_errors.append(err)
+        # A distributed sampler may pad an epoch by repeating examples on other ranks: the same ID can then be
+        # captured twice. Once every rank has committed, one of them removes the extra copies. A rank that
+        # failed joins the barriers too, so that the others do not wait for it forever.
+        if _barrier():
+            if torch.distributed.get_rank() == 0 and self._error is None and not commit_errors:
+                self.store.refresh()
+                self.store.remove_shadowed()
+            _barrier()
+        error, self._error = self._error, None
+        if commit_errors:
+            raise RuntimeError(f"gradient capture could not commit its rows: {commit_errors[0]}"
+                               + (f" (and earlier, in the background writer: {error})" if error else "")
+                               ) from commit_errors[0]
+        if error is not None:
+            raise RuntimeError(f"gradient capture failed in the background writer: {error} (every row "
+                               "appended before the failure was committed)") from error
         return self.report
+
+    def _all_writers(self) -> list[Any]:
+        return self._writers + ([self._position_writer] if self._position_writer is not None else [])
 
     @contextmanager
     def batch(self, ids: Sequence[Any], *, step: int | None = None, lr: float | None = None) -> Iterator[None]:
@@ -309,23 +373,33 @@ class GradientCapture:
         self._current = None
         if ids is None or self.policy == "off" or not module.training or not torch.is_grad_enabled():
             return args, kwargs  # evaluation, generation, or a forward without IDs: not captured
+        # The Trainer path makes no per-step call of its own: a writer failure stops training here, at the
+        # next captured forward, rather than at the end of the epoch with every batch since then dropped.
+        self._raise_if_failed()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("gradient capture needs input_ids (inputs_embeds-only forwards carry no tokens)")
         if len(ids) != input_ids.shape[0]:
             raise ValueError(f"{len(ids)} example IDs for a batch of {input_ids.shape[0]}")
-        self.report.examples_seen += len(ids)
+        if self.position_store is not None and input_ids.shape[1] > self.position_store.vocab_size:
+            raise ValueError(f"a batch of {input_ids.shape[1]} positions, but the position store keys "
+                             f"positions by token id and its vocab_size is {self.position_store.vocab_size}")
+        # Keys are only proposed here; they count as seen once backward hands the gradient over (`_claim`),
+        # so that a forward or backward that fails (an OOM, then the same batch retried) leaves them to the
+        # retry.
+        example_ids = [normalize_id(raw) for raw in ids]
         record_ids: list[int | str | None] = []
-        for raw in ids:
-            example_id = normalize_id(raw)
-            key = example_id if self.policy == "first" else epoch_record_id(example_id, self.epoch)
-            if key in self._seen:
+        in_batch: set[int | str] = set()
+        for example_id in example_ids:
+            key = self._record_key(example_id)
+            if key in self._seen or key in in_batch:
                 record_ids.append(None)
-                self.report.examples_skipped += 1
             else:
-                self._seen.add(key)
+                in_batch.add(key)
                 record_ids.append(key)
-        if not any(r is not None for r in record_ids):
+        if not in_batch:
+            self.report.examples_seen += len(ids)
+            self.report.examples_skipped += len(ids)
             return args, kwargs
         num_items = kwargs.get("num_items_in_batch")
         convention = self.loss_convention
@@ -333,25 +407,68 @@ class GradientCapture:
         if lr is None and self.optimizer is not None:
             lr = float(self.optimizer.param_groups[0]["lr"])
         self._current = _Step(
-            ids=[normalize_id(i) for i in ids], record_ids=record_ids, input_ids=input_ids,
+            ids=example_ids, record_ids=record_ids, input_ids=input_ids,
             attention_mask=kwargs.get("attention_mask"), labels=kwargs.get("labels"), num_items=num_items,
             step=self.global_step if self._pending_step is None else self._pending_step, epoch=self.epoch, lr=lr,
             multiplier=convention.multiplier if num_items is not None else convention.multiplier_without_items,
         )
         return args, kwargs
 
+    def _record_key(self, example_id: int | str) -> int | str:
+        """The store key of an example's record in this epoch, checked here rather than by the writer."""
+        if self.policy == "first":
+            return example_id
+        key = epoch_record_id(example_id, self.epoch)
+        try:
+            return normalize_id(key)
+        except InvalidInputError as err:
+            suffix = len(f"@epoch{self.epoch}")
+            raise InvalidInputError(
+                f"under capture policy 'all' the epoch-{self.epoch} record of an example is stored under "
+                f"'<ID>@epoch{self.epoch}', and for ID {str(example_id)[:40]!r}... that key is too long "
+                f"({err}); keep string IDs to {MAX_ID_BYTES - suffix} UTF-8 bytes or fewer") from None
+
     def _after_embedding(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
         current = self._current
-        if current is None or current.hooked or not output.requires_grad:
-            return
+        if current is None or current.hooked or current.unhooked_output is not None:
+            return  # not captured, or the embedding was already called in this forward
+        if output.requires_grad:
+            self._hook(current, output)
+        else:
+            # Not necessarily final: a forward hook registered after this one (`enable_input_require_grads()`)
+            # may still set requires_grad on this very tensor. `_after_forward` decides.
+            current.unhooked_output = output
+
+    def _hook(self, current: _Step, output: torch.Tensor) -> None:
         current.hooked = True
         output.register_hook(lambda grad, current=current: self._on_gradient(current, grad))
 
     def _after_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         current = self._current
-        if current is None or not self.record_loss:
+        if current is None:
             return
-        logits = output["logits"] if isinstance(output, dict) or hasattr(output, "keys") else output[0]
+        pending, current.unhooked_output = current.unhooked_output, None
+        if pending is not None and pending.requires_grad:
+            self._hook(current, pending)
+        elif not current.hooked:
+            self._current = None
+            if pending is not None:
+                raise RuntimeError(
+                    "gradient capture: the input embedding's output does not require grad (the embedding is "
+                    "frozen, as in LoRA/adapter fine-tuning), so no gradient reaches it and nothing could be "
+                    "captured. Call model.enable_input_require_grads() (Hugging Face models) or unfreeze the "
+                    "input embedding.")
+            raise RuntimeError("gradient capture: the forward pass did not call the model's input embedding "
+                               "(get_input_embeddings()), so nothing could be captured")
+        if not self.record_loss:
+            return
+        logits = _logits(output, current.input_ids.shape)
+        if logits is None:
+            if not self._warned_no_logits:
+                self._warned_no_logits = True
+                log.warning("gradient capture: found no logits [batch, length, vocab] in the model's output; "
+                            "the examples' losses are not recorded")
+            return
         with torch.no_grad():
             current.losses = _per_example_loss(logits.detach(), _targets(current))
 
@@ -361,8 +478,21 @@ class GradientCapture:
         Everything here is a fixed-shape tensor operation, so nothing synchronises with the host: the number of
         distinct tokens per example stays a device tensor, and the host slices the padded result later.
         """
+        current.hooked = False  # backward happened: the batch() block may end
+        if current.taken:
+            # The same forward differentiated again (say autograd.grad(loss, ..., retain_graph=True), then
+            # loss.backward()). One record per example: the first gradient, which in the usual cases (a
+            # diagnostic pass on the loss, or a gradient penalty built on top of it) is the loss's own.
+            if not self._warned_twice_differentiated:
+                self._warned_twice_differentiated = True
+                log.warning("gradient capture: a forward pass was differentiated more than once; only its "
+                            "first gradient is captured")
+            return
+        current.taken = True
         with torch.no_grad():
-            rows, tokens, counts, scale, keep = _deduplicate(current, grad.detach(), self.embedding.weight.shape[0])
+            vocab = self.embedding.weight.shape[0]
+            loss_scale = self._loss_scale()
+            rows, tokens, counts, scale, keep = _deduplicate(current, grad.detach(), vocab, loss_scale)
             rows = rows.to(self.transfer_dtype if self.store.dtype == "float32" else torch.bfloat16
                            if self.store.dtype == "bfloat16" else self.transfer_dtype)
             tensors = {"rows": rows, "tokens": tokens, "counts": counts, "input_ids": current.input_ids,
@@ -372,12 +502,41 @@ class GradientCapture:
             if self._position_writer is not None:  # positions need the per-position gradient itself
                 tensors["grad"] = (grad.detach().float() * scale[0][:, None, None]).to(self.transfer_dtype)
         host, ready = self._to_host(tensors)
+        # Claimed only now: if anything above fails (an OOM), the examples are still free for a retry.
+        if not self._claim(current):
+            return
         self.report.bytes_transferred += sum(t.numel() * t.element_size() for t in tensors.values())
         self.report.steps += 1
-        job = _Job(current, host, ready)
-        if self._current is current:
-            self._current.hooked = False  # backward happened: the batch() block may end
-        self._enqueue(job)
+        self._enqueue(_Job(current, host, ready))
+
+    def _claim(self, current: _Step) -> bool:
+        """Mark the step's keys as seen now that its gradient exists; returns whether any is left to capture.
+
+        A key is dropped if another step claimed it since the forward (two forwards, then one backward).
+        """
+        record_ids = [None if key is None or key in self._seen else key for key in current.record_ids]
+        current.record_ids = record_ids
+        self._seen.update(key for key in record_ids if key is not None)
+        self.report.examples_seen += len(record_ids)
+        self.report.examples_skipped += sum(key is None for key in record_ids)
+        return any(key is not None for key in record_ids)
+
+    def _loss_scale(self) -> torch.Tensor | float:
+        """The factor the loss was multiplied by before this backward: the GradScaler's current scale, else 1.
+
+        torch's scaler keeps the scale in a device tensor that `update()` changes in place after the step;
+        read as a tensor here, inside backward, it is the value this backward used, and reading it waits for
+        nothing.
+        """
+        scaler = self.scaler
+        if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+            return 1.0
+        scale = getattr(scaler, "_scale", None)
+        if isinstance(scale, torch.Tensor):
+            return scale
+        if hasattr(scaler, "_scale"):  # a torch scaler whose scale() was never called: this loss is unscaled
+            return 1.0
+        return float(scaler.get_scale())  # another implementation: its public getter (may wait for the GPU)
 
     def _to_host(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
         device = tensors["rows"].device
@@ -419,11 +578,16 @@ class GradientCapture:
                 return
             start = time.perf_counter()
             try:
-                if self._error is None:  # after a failure keep consuming, so that training never deadlocks
-                    self._write(job, writer)
+                # Batches keep being written after a failure elsewhere: each is valid on its own, and training
+                # stops at its next captured forward anyway. Consuming every job also means training never
+                # deadlocks on a full queue.
+                self._write(job, writer)
             except BaseException as err:
-                log.exception("gradient capture failed")
-                self._error = err
+                if self._error is None:
+                    log.exception("gradient capture failed")
+                    self._error = err
+                else:
+                    log.error("gradient capture: another batch failed too: %s: %s", type(err).__name__, err)
             finally:
                 self._queue.task_done()
             with self._report_lock:
@@ -438,23 +602,42 @@ class GradientCapture:
         losses = host.get("losses")
         optimizer = type(self.optimizer).__name__ if self.optimizer is not None else None
         ids, tokens, rows, metas, pos_ids, pos_tokens, pos_rows = [], [], [], [], [], [], []
+        nonfinite = []
         for i, record_id in enumerate(step.record_ids):
             if record_id is None:
                 continue
             k = counts[i]
+            example_rows = host["rows"][i, :k]
+            if self._position_writer is not None:
+                positions = torch.nonzero(host["keep"][i]).flatten()
+                example_positions = (host["grad"][i][positions].float() if k
+                                     else host["grad"].new_zeros(0, self.store.dim, dtype=torch.float32))
+            # Not finite: a GradScaler overflow step (the optimizer skips it too), or a diverged loss. The
+            # store would refuse the whole append; this example alone is left out, to be captured when next
+            # seen.
+            if not (bool(torch.isfinite(example_rows).all()) and
+                    (self._position_writer is None or bool(torch.isfinite(example_positions).all()))):
+                nonfinite.append(record_id)
+                continue
             sequence = host["input_ids"][i][host["keep"][i]]
             ids.append(record_id)
             tokens.append(host["tokens"][i, :k])
-            rows.append(host["rows"][i, :k])
+            rows.append(example_rows)
             loss = None if losses is None else float(losses[i])
             metas.append({"step": step.step, "epoch": step.epoch, "lr": step.lr, "optimizer": optimizer,
                           "loss": loss if loss is None or math.isfinite(loss) else None,
                           "n_tokens": int(n_targets[i]), "tokens": sequence.tolist(), "example_id": step.ids[i]})
             if self._position_writer is not None:
                 pos_ids.append(record_id)
-                positions = torch.nonzero(host["keep"][i]).flatten()
                 pos_tokens.append(positions if k else positions[:0])
-                pos_rows.append(host["grad"][i][positions].float() if k else host["grad"].new_zeros(0, self.store.dim))
+                pos_rows.append(example_positions)
+        if nonfinite:
+            self._seen.difference_update(nonfinite)
+            with self._report_lock:
+                self.report.examples_nonfinite += len(nonfinite)
+            log.warning("gradient capture, step %s: %d example(s) with non-finite gradient rows (a "
+                        "GradScaler overflow step?) not stored; each is captured the next time it is seen",
+                        step.step, len(nonfinite))
         if ids:
             writer.append(ids, tokens, rows, metas)
             itemsize = {"float32": 4, "bfloat16": 2, "int8": 1}[self.store.dtype]
@@ -466,13 +649,44 @@ class GradientCapture:
             self._position_writer.append(pos_ids, pos_tokens, pos_rows)
 
 
-def _deduplicate(current: _Step, grad: torch.Tensor, vocab: int
+def _commit_at_exit(jobs: queue.Queue, threads: list[threading.Thread], writers: list[Any]) -> None:
+    """At interpreter exit, for a capture never closed: let the writer threads finish, commit what they
+    appended (no hooks to remove, no barrier: other processes may be gone)."""
+    log.warning("gradient capture was never closed: committing its rows at exit")
+    live = [thread for thread in threads if thread.is_alive()]
+    for _ in live:
+        jobs.put(None)
+    for thread in live:
+        thread.join()
+    for writer in writers:
+        try:
+            writer.close()
+        except Exception:
+            log.exception("gradient capture: committing writer %s at exit failed", writer.name)
+
+
+def _logits(output: Any, shape: torch.Size) -> torch.Tensor | None:
+    """The logits [B, L, V] in a model's output: a ModelOutput / dict, or the tuple of `return_dict=False`,
+    which starts with the loss when labels were given."""
+    if isinstance(output, dict) or hasattr(output, "keys"):
+        return output.get("logits") if hasattr(output, "get") else output["logits"]
+    if isinstance(output, torch.Tensor):
+        return output if output.dim() == 3 else None
+    for item in output if isinstance(output, (tuple, list)) else ():
+        if isinstance(item, torch.Tensor) and item.dim() == 3 and tuple(item.shape[:2]) == tuple(shape[:2]):
+            return item
+    return None
+
+
+def _deduplicate(current: _Step, grad: torch.Tensor, vocab: int, loss_scale: torch.Tensor | float = 1.0
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Per-example rows of distinct tokens, rescaled to each example's own mean loss, without a host sync.
 
-    grad float [B, L, D] (d batch loss / d embedding output). Returns rows float32 [B, L, D] (example i's first
-    counts[i] rows are its distinct tokens' summed, rescaled gradients, the rest zero), tokens int64 [B, L]
-    (matching token ids), counts int64 [B], (scale float32 [B], n_targets int64 [B]) and keep bool [B, L].
+    grad float [B, L, D] (d batch loss / d embedding output); loss_scale: what the loss was multiplied by
+    before backward besides the convention's multiplier (a GradScaler's scale, float32 tensor [] or [1]).
+    Returns rows float32 [B, L, D] (example i's first counts[i] rows are its distinct tokens' summed, rescaled
+    gradients, the rest zero), tokens int64 [B, L] (matching token ids), counts int64 [B], (scale float32 [B],
+    n_targets int64 [B]) and keep bool [B, L].
 
     Sorting each example's token ids puts repeats next to each other; a running count of "new token" flags
     numbers the distinct tokens, and a scatter-add sums each run — all fixed-shape, so the number of distinct
@@ -488,6 +702,10 @@ def _deduplicate(current: _Step, grad: torch.Tensor, vocab: int
         total = torch.tensor(float(current.num_items), device=grad.device)
     else:
         total = n_targets.sum().float()
+    if isinstance(loss_scale, torch.Tensor):
+        total = total / loss_scale.to(grad.device, torch.float32).reshape(())
+    elif loss_scale != 1.0:
+        total = total / loss_scale
     # rows of d(own mean loss)/d e = (total / n_i) * (d batch loss / d e) / multiplier; none without targets
     scale = torch.where(n_targets > 0, total / (n_targets.clamp(min=1).float() * current.multiplier),
                         torch.zeros((), device=grad.device))

@@ -8,6 +8,7 @@ never saw the forget set, which evaluation compares against).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -25,6 +26,8 @@ from tqdm.auto import tqdm
 from gradstore import GradStore
 
 from .capture import CaptureReport, GradientCapture
+
+log = logging.getLogger("gradstore_unlearn")
 
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "tiny": {"n_layer": 2, "n_head": 4, "n_embd": 128},  # the CPU demo: seconds per epoch on 2 cores
@@ -172,9 +175,16 @@ def train_model(model: transformers.PreTrainedModel, sequences: Sequence[Sequenc
                 losses.append(float(loss.detach()))
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")
-    finally:
+    except BaseException:
         bar.close()
-        report = capture.close() if capture is not None else None
+        if capture is not None:
+            try:
+                capture.close()  # commits what was captured before the failure
+            except Exception as close_error:  # the training failure is the one to raise, not this one
+                log.warning("gradient capture did not close cleanly after training failed: %s", close_error)
+        raise
+    bar.close()
+    report = capture.close() if capture is not None else None
     model.eval()
     seconds = time.perf_counter() - start
     return TrainResult(steps=len(losses), seconds=seconds, final_loss=sum(losses[-steps_per_epoch:]) /

@@ -207,3 +207,17 @@ def test_a_capture_never_closed_commits_its_rows_at_exit(tmp_path):
     assert result.returncode == 1 and "never closed" in result.stderr, result.stderr[-2000:]
     assert sorted(GradStore.open(uri).ids()) == ["a", "b"]
 
+
+
+def test_a_training_failure_is_raised_even_when_closing_the_capture_fails_too(tmp_path, monkeypatch):
+    """train_model closes the capture after a failure (committing what it holds); if that close fails as well,
+    the error raised is still the training failure, the one that explains what happened."""
+    from gradstore_unlearn.train import TrainConfig, train_model
+
+    model = tiny_gpt2()
+    store = make_store(tmp_path, model)
+    monkeypatch.setattr(GradientCapture, "close", lambda self: (_ for _ in ()).throw(RuntimeError("close failed")))
+    broken = [[1, 2, 3], [1, VOCAB + 5, 2]]  # the second batch holds a token the embedding does not have
+    with pytest.raises(IndexError):
+        train_model(model, broken, ["a", "b"], TrainConfig(epochs=1, batch_size=1, warmup_steps=1), store=store,
+                    progress=False)

@@ -268,6 +268,11 @@ def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same elements at the same places: each program then reads Q[tok] before it writes W[tok]."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
 def ascent_score_triton(
     W: torch.Tensor,
     Q: torch.Tensor | None,
@@ -283,9 +288,13 @@ def ascent_score_triton(
     """
     R, D = batch.R, batch.D
     device = W.device
-    if R == 0:
+    if R == 0 or D == 0:  # nothing to move, and every score is an empty sum
         return torch.zeros(batch.n, dtype=torch.float32, device=device)
     Q = W if Q is None else Q
+    if Q is not W and _shares_memory(Q, W) and not _same_view(Q, W):
+        # Q overlaps W's memory without being W (a shifted view, W.t()): a program would read Q rows that
+        # another has already updated. Q must be read as it was before the update: take a copy.
+        Q = Q.clone()
     if deterministic:
         return _ascent_pieces(W, Q, batch, lr)
     block_d = block_d_for(D)

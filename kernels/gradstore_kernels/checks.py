@@ -135,7 +135,7 @@ def check_sparse_rows(
 
     offsets = offsets.to(torch.int64).contiguous()
     token_ids = token_ids.contiguous()
-    _check_values(offsets, token_ids, R, vocab_size, lr_tensor)
+    _check_values(offsets, token_ids, R, vocab_size, lr_tensor, scales)
     return SparseRows(offsets, token_ids, rows, scales), lr_tensor
 
 
@@ -159,12 +159,22 @@ def _normalise_lr(lr, n: int, device: torch.device) -> torch.Tensor:
 
 
 def _check_values(
-    offsets: torch.Tensor, token_ids: torch.Tensor, R: int, vocab_size: int, lr: torch.Tensor | None
+    offsets: torch.Tensor,
+    token_ids: torch.Tensor,
+    R: int,
+    vocab_size: int,
+    lr: torch.Tensor | None,
+    scales: torch.Tensor | None = None,
 ) -> None:
-    # Everything that needs the data goes through one stacked tensor: one sync on CUDA.
+    # Everything that needs the data goes through one stacked tensor: one sync on CUDA. The rows themselves
+    # are not checked for finiteness: that would read them a second time, and they are the op's main
+    # traffic. (Stored rows are finite: capture refuses non-finite rows, and every chunk is checksummed.)
+    # The int8 scales are [R] floats, a small fraction of it: a NaN, infinite or negative scale is caught.
     probes = [offsets[0], offsets[-1], (offsets[1:] < offsets[:-1]).any()]
     if R:
         probes += list(torch.aminmax(token_ids))
+    if scales is not None and R:
+        probes.append((~torch.isfinite(scales) | (scales < 0)).any())
     if lr is not None and lr.numel():
         probes.append((~torch.isfinite(lr)).any())
     values = torch.stack([p.to(torch.int64) for p in probes]).tolist()
@@ -187,6 +197,10 @@ def _check_values(
             raise KernelInputError(
                 f"token_ids[{i}] = {int(token_ids[i])} is out of range [0, {vocab_size})"
             )
+    if scales is not None and R and values[5]:
+        bad = ~torch.isfinite(scales) | (scales < 0)
+        i = int(torch.nonzero(bad)[0])
+        raise KernelInputError(f"scales[{i}] = {float(scales[i])} is not a finite non-negative scale")
     if lr is not None and lr.numel() and values[-1]:
         i = int(torch.nonzero(~torch.isfinite(lr))[0])
         raise KernelInputError(f"lr[{i}] = {float(lr[i])} is not finite (in float32)")

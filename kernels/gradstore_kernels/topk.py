@@ -47,11 +47,16 @@ def _dense_query(query, vocab_size: int | None) -> tuple[torch.Tensor, int | Non
         top = int(token_ids.max()) if isinstance(token_ids, torch.Tensor) and token_ids.numel() else -1
         vocab_size = top + 2
         sink = top + 1
+    if rows.dtype == torch.float64:
+        rows = rows.to(torch.float32)  # the query is densified into float32 anyway, as a dense one is
     k = rows.shape[0]
     offsets = torch.tensor([0, k], device=rows.device)
-    q, _ = check_sparse_rows(
-        offsets, token_ids, rows, scales, vocab_size=vocab_size, dim=rows.shape[1], device=rows.device
-    )
+    try:
+        q, _ = check_sparse_rows(
+            offsets, token_ids, rows, scales, vocab_size=vocab_size, dim=rows.shape[1], device=rows.device
+        )
+    except KernelInputError as err:  # the checks name a stored batch's parts; this is the query's
+        raise type(err)(f"the sparse query: {err}") from None
     x = q.rows.to(torch.float64)
     if q.scales is not None:
         x = x * q.scales[:, None]
@@ -125,6 +130,13 @@ def topk_influence(
         )
         if len(ids) != scores.numel():
             raise KernelInputError(f"a batch has {len(ids)} ids but its offsets describe {scores.numel()} examples")
+        # A NaN would sort above every score and push real results out: corrupt rows (or a non-finite query)
+        # are an error, named by the first example they hit.
+        finite = torch.isfinite(scores)
+        if not bool(finite.all()):
+            bad = int(torch.nonzero(~finite)[0])
+            raise KernelInputError(f"example {ids[bad]!r} scores {float(scores[bad])}: its rows or the query "
+                                   "are not finite")
         pool = torch.cat([best_scores, scores])
         # The kept entries precede the new batch in `pool` and in scan order, so a stable
         # sort breaks ties by scan order.

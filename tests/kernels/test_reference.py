@@ -182,6 +182,17 @@ def test_int8_scales_checks():
         _call(args, "reference")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_int8_scales_must_be_finite_and_non_negative(bad):
+    """A non-finite scale would write inf or NaN into W in place; a negative one flips the row's sign."""
+    W = torch.zeros(4, 3)
+    scales = torch.tensor([1.0, bad])
+    with pytest.raises(KernelInputError, match=r"scales\[1\] = .* is not a finite non-negative scale"):
+        ascent_score(W, torch.tensor([0, 2]), torch.tensor([1, 2]), torch.ones(2, 3, dtype=torch.int8), 0.1,
+                     scales=scales)
+    assert torch.equal(W, torch.zeros(4, 3))
+
+
 def test_input_errors_are_builtin_exceptions():
     assert issubclass(KernelInputError, ValueError)
     assert issubclass(KernelDtypeError, TypeError) and issubclass(KernelDtypeError, ValueError)

@@ -136,3 +136,19 @@ def test_bad_batches_are_reported(make_case):
         topk_influence("query", [b], 1)
     with pytest.raises(KernelInputError, match=r"rows.shape\[1\] = 4 does not match the matrix dim D = 3"):
         topk_influence(torch.randn(V, 3), [b], 1)
+
+
+def test_a_non_finite_score_is_an_error_naming_the_example():
+    """A NaN would sort above every real score and push the real results out."""
+    rows = torch.tensor([[1.0, 0.0], [float("nan"), 0.0]])
+    batch = (["good", "corrupt"], torch.tensor([0, 1, 2]), torch.tensor([1, 2]), rows)
+    with pytest.raises(KernelInputError, match="example 'corrupt' scores nan"):
+        topk_influence(torch.ones(4, 2), [batch], 2)
+
+
+def test_sparse_query_errors_name_the_query_and_float64_rows_are_accepted():
+    batch = (["a"], torch.tensor([0, 1]), torch.tensor([1]), torch.ones(1, 2))
+    with pytest.raises(KernelInputError, match="the sparse query: token_ids has 2 entries but rows has 1 rows"):
+        topk_influence((torch.tensor([1, 2]), torch.ones(1, 2)), [batch], 1)
+    top = topk_influence((torch.tensor([1]), torch.ones(1, 2, dtype=torch.float64)), [batch], 1)
+    assert top.ids == ["a"] and float(top.scores[0]) == 2.0

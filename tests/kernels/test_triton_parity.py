@@ -157,6 +157,29 @@ def test_aliasing_reads_q_before_any_update(make_case, small_blocks):
     assert torch.equal(aliased, separate) and torch.equal(W, W_snapshot)
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_q_overlapping_w_without_being_w_is_read_before_any_update(make_case, small_blocks, deterministic):
+    """A Q that is a shifted view of W's memory: programs must not read rows another has already updated."""
+    small_blocks(rows=4, cols=16)
+    case = make_case([20, 20], 12, 9, hot_fraction=0.5)
+    buffer = torch.randn(13, 9, device=case.rows.device)
+    W, Q = buffer[1:], buffer[:12]  # Q[t] is W[t - 1]: updated before token t is read, in program order
+    expected_W, expected_Q = W.clone(), Q.clone()
+    expected = ascent_score(expected_W, *case.csr, case.lr, expected_Q, backend="reference")
+    scores = ascent_score(W, *case.csr, case.lr, Q, backend="triton", deterministic=deterministic)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(W, expected_W, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_rows_of_width_zero_move_nothing(deterministic):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    W = torch.zeros(5, 0, device=device)
+    out = ascent_score(W, torch.tensor([0, 2], device=device), torch.tensor([1, 3], device=device),
+                       torch.zeros(2, 0, device=device), 0.5, backend="triton", deterministic=deterministic)
+    assert torch.equal(out, torch.zeros(1, device=device))
+
+
 def test_deterministic_mode_is_bitwise_reproducible(make_case, small_blocks):
     small_blocks(rows=3, cols=16)
     case = make_case([40, 7, 0, 33], 30, 40, rows_dtype=torch.bfloat16, hot_fraction=0.5)

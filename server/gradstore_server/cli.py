@@ -6,7 +6,7 @@ before the socket is bound, so that a bad store or model fails at once with one 
 0` the operating system picks a free port; the bound address is printed on stdout (`gradstore-server listening
 on http://HOST:PORT`) once startup is done; poll `/healthz` for readiness. Exit codes: 0 after a clean
 shutdown, 2 for bad settings (including GRADSTORE_FORGET_CONFIG) or an unusable address, 3 if the store or
-the model could not be opened (or another server holds the model).
+the model could not be opened (or another server, or a `gradstore forget`, holds the model).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .settings import Settings, SettingsError
+from .settings import LOG_LEVELS, Settings, SettingsError
 
 log = logging.getLogger("gradstore_server")
 
@@ -45,7 +45,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                              "arguments are visible to other users in the process list")
     parser.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                         help="option for an s3:// store (endpoint_url=..., key=..., secret=...); repeatable")
-    parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
+    parser.add_argument("--log-level", choices=LOG_LEVELS,
                         help="log level (env GRADSTORE_LOG_LEVEL; default info)")
     parser.add_argument("--access-log", action="store_const", const=True,
                         help="log every request line (env GRADSTORE_ACCESS_LOG; off by default: URLs name IDs)")

@@ -19,15 +19,12 @@ runner's thread for forgets); nothing here may be called on the event loop.
 from __future__ import annotations
 
 import copy
-import fcntl
 import functools
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,11 +32,20 @@ import torch
 from gradstore import ErasedError, GradStore, InvalidInputError, UnknownIdError
 from gradstore._encoding import MAX_INT_ID, normalize_id
 from gradstore_kernels import topk_influence
+from gradstore_unlearn.capture import is_later_epoch_record
 from gradstore_unlearn.evaluate import context_length
 from gradstore_unlearn.gradients import sparse_rows
+from gradstore_unlearn.model_lock import ModelDirLock
 from gradstore_unlearn.tables import json_safe
 from gradstore_unlearn.train import load_model
-from gradstore_unlearn.unlearn import ForgetConfig, ForgetError, ForgetReport, Unlearner, model_hash
+from gradstore_unlearn.unlearn import (
+    ForgetConfig,
+    ForgetError,
+    ForgetReport,
+    Unlearner,
+    model_hash,
+    weights_fingerprint,
+)
 
 from .errors import ApiError
 from .rwlock import RWLock
@@ -47,8 +53,21 @@ from .settings import Settings, SettingsError
 
 log = logging.getLogger("gradstore_server")
 
-LOCK_FILE = ".gradstore-server.lock"
 INFLUENCE_BATCH = 256
+# The files a model directory's weights live in (safetensors, possibly sharded; older pickled checkpoints).
+
+
+class NotWritable(ApiError):
+    """The engine refuses to start or commit a forget (degraded, stopping, or the weights on disk changed).
+    Raised before anything was changed: the job can run again after a restart."""
+
+    def __init__(self, message: str):
+        super().__init__(503, "degraded", message)
+
+
+class CommitFailed(Exception):
+    """A forget's commit failed, or what follows it (publishing) did: the engine is degraded, and which state
+    the store and the model on disk are in (before or after the request) is settled by the next start."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +112,8 @@ class Engine:
         self._writer_serial = threading.Lock()
         self._snapshot: Snapshot | None = None
         self._writer: _PublishingUnlearner | None = None
-        self._lock_file: int | None = None
+        self._model_lock: ModelDirLock | None = None
+        self._weights: tuple[Any, ...] | None = None  # `weights_fingerprint` of the files the server serves
         self.store: GradStore | None = None
         self.tokenizer: Any = None
         self.degraded: str | None = None  # set when a commit failed half-way: forgets are refused until restart
@@ -106,7 +126,9 @@ class Engine:
     # ------------------------------------------------------------------------------------------ lifecycle
     @property
     def started(self) -> bool:
-        return self._snapshot is not None
+        # Holding the model directory is what being started means: `stop()` lets go, and a later `start()`
+        # (an application whose lifespan runs again) opens everything afresh, lock included.
+        return self._model_lock is not None and self._model_lock.held
 
     def start(self) -> None:
         """Open the store and the model; let the library finish or roll back an interrupted forget.
@@ -115,9 +137,13 @@ class Engine:
         model fails fast, with one line), and the application's startup then finds it started."""
         if self.started:
             return
-        self._take_model_lock()
+        # One process owns the model: two writers of one model directory would each publish their own weights.
+        self._model_lock = ModelDirLock(self.settings.model)
         try:
             self.store = GradStore.open(self.settings.store, storage_options=self.settings.storage_options)
+            # Taken before the weights are read: if anything replaced them in between, the first forget sees
+            # a difference and refuses, instead of overwriting weights this server never loaded.
+            weights = weights_fingerprint(self.settings.model)
             model, self.tokenizer = load_model(self.settings.model, device=self.settings.device)
             model.eval()
             # The writer's copy comes first: constructing it runs `recover()`, which finishes a forget whose
@@ -125,50 +151,33 @@ class Engine:
             # weights just loaded are the state the store now agrees with.
             self._writer = self._new_writer(copy.deepcopy(model))
             self._snapshot = self._new_snapshot(model, model_hash(model), version=0)
+            self._weights = weights
+            self.degraded = None  # a restart settles what a failed commit left undecided
         except BaseException:
-            self._release_model_lock()
+            self._model_lock.release()
             raise
         log.info("serving %s (%d examples) with the model in %s (hash %s)", self.store.uri, len(self.store),
                  self.settings.model, self._snapshot.model_hash[:16])
 
     def stop(self) -> None:
-        self._release_model_lock()
+        if self._model_lock is not None:
+            self._model_lock.release()
 
-    def _take_model_lock(self) -> None:
-        # One process owns the model: two servers on one model directory would each publish their own weights.
-        path = Path(self.settings.model)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} is not a saved model (no config.json)")
-        lock_path = path / LOCK_FILE
-        while True:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise RuntimeError(f"another gradstore server is serving the model in {path}") from None
-            # The holder removes the file when it lets go (`_release_model_lock`). If that happened between
-            # our open and our flock, we hold a lock on a file nobody else will open: take the current one.
-            try:
-                current = os.stat(lock_path)
-            except FileNotFoundError:
-                current = None
-            mine = os.fstat(fd)
-            if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
-                break
-            os.close(fd)
-        self._lock_file = fd
+    def _check_writable(self) -> None:
+        """Raise `NotWritable` unless a forget may start or commit now.
 
-    def _release_model_lock(self) -> None:
-        if self._lock_file is not None:
-            # Removed while still held, so that no model directory keeps a stale lock file after a clean stop
-            # or a failed start (a SIGKILL leaves it behind, harmlessly: the flock dies with the process).
-            try:
-                os.unlink(Path(self.settings.model) / LOCK_FILE)
-            except FileNotFoundError:
-                pass
-            os.close(self._lock_file)  # closing the descriptor releases the flock
-            self._lock_file = None
+        The weights on disk must still be the ones this server loaded or last saved: a forget starts from the
+        published weights, and committing over weights another process saved would undo that process's forget
+        (the model lock keeps `gradstore forget` out while the server runs; this catches any other writer)."""
+        if self.degraded:
+            raise NotWritable(self.degraded)
+        if not self.started:
+            raise NotWritable("the server is stopping: the job runs again after the restart")
+        if weights_fingerprint(self.settings.model) != self._weights:
+            self.degraded = ("the weights in the model directory changed since the server loaded or last "
+                             "saved them (another process wrote them); restart the server to serve them")
+            log.error("%s", self.degraded)
+            raise NotWritable(self.degraded)
 
     def _new_writer(self, model: torch.nn.Module) -> _PublishingUnlearner:
         return _PublishingUnlearner(model, self.store, tokenizer=self.tokenizer, config=self.forget_config,
@@ -243,9 +252,20 @@ class Engine:
                                "to take a gradient of")
             with self._autograd:
                 query = sparse_rows(snap.model, tokens, pad_token_id=snap.unlearner.pad_token_id)
-            top = topk_influence(query, self.store.iter_batches(INFLUENCE_BATCH), k,
-                                 vocab_size=self.store.vocab_size)
+            top = topk_influence(query, self._example_batches(), k, vocab_size=self.store.vocab_size)
         return len(tokens), [(i, float(v)) for i, v in zip(top.ids, top.scores.tolist(), strict=True)]
+
+    def _example_batches(self) -> Iterator[Any]:
+        """The store's batches without later-epoch records (capture policy `all`), as the library's influence
+        streams them: examples are ranked by their first-epoch record, not once per epoch."""
+        batches = self.store.iter_batches(INFLUENCE_BATCH)
+        if self.store.config.capture.get("policy") != "all":
+            yield from batches
+            return
+        for batch in batches:
+            kept = batch.select([i for i, key in enumerate(batch.ids) if not is_later_epoch_record(key)])
+            if len(kept):
+                yield kept
 
     def _need_tokenizer(self) -> None:
         if self.tokenizer is None:
@@ -304,10 +324,11 @@ class Engine:
             return snap.unlearner.forget(list(ids), mode=mode, request_id=request_id, dry_run=True)
 
     def forget(self, ids: Sequence[Any], mode: str, request_id: str) -> ForgetReport:
-        """Run one forget on the writer's private model copy (the caller is the job runner's thread)."""
+        """Run one forget on the writer's private model copy (the caller is the job runner's thread).
+
+        Raises `NotWritable` if it may not start (nothing changed) and `CommitFailed` if its commit failed."""
         with self._writer_serial:
-            if self.degraded:
-                raise ApiError(503, "degraded", self.degraded)
+            self._check_writable()
             with self._rw.read():
                 published = self._snapshot.model
                 # Start from exactly the published weights: a request that stopped short of its target
@@ -323,21 +344,27 @@ class Engine:
         """Save + erase + audit (the library's commit) and publish the new weights, as one write section."""
         candidate = copy.deepcopy(self._writer.model)  # outside the write section: readers keep going
         candidate.eval()
+        # Built before the commit, so that nothing that can fail stands between the weights on disk changing
+        # and readers being served them (only the writer's thread replaces snapshots: the version is stable).
+        snapshot = self._new_snapshot(candidate, report.model_hash_after or model_hash(candidate),
+                                      self._snapshot.version + 1)
         with self._rw.write():
+            self._check_writable()  # the calibration took a while: look at the weights on disk again
             try:
                 commit()
+                self._snapshot = snapshot
+                self._weights = weights_fingerprint(self.settings.model)
             except BaseException as err:
                 # The weights may or may not have reached the disk; only a restart (whose recovery compares
                 # the weights on disk with the journal) can tell which state the store must agree with.
                 self.degraded = (f"forget request {report.request_id} failed while committing "
                                  f"({type(err).__name__}); restart the server to settle it")
-                log.error("%s", self.degraded)
+                log.error("%s", self.degraded, exc_info=isinstance(err, Exception))
+                if isinstance(err, Exception):
+                    raise CommitFailed(self.degraded) from err
                 raise
-            version = self._snapshot.version + 1
-            self._snapshot = self._new_snapshot(candidate, report.model_hash_after or model_hash(candidate),
-                                                version)
-        log.info("request %s committed: model version %d (hash %s)", report.request_id, version,
-                 self._snapshot.model_hash[:16])
+        log.info("request %s committed: model version %d (hash %s)", report.request_id, snapshot.version,
+                 snapshot.model_hash[:16])
 
 
 def _valid_str_id(raw: str) -> bool:

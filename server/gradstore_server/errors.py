@@ -82,6 +82,17 @@ def _validation_details(errors: Any) -> list[dict[str, Any]]:
     return details
 
 
+def _route(request: Request) -> str:
+    """The path with its parameters as placeholders ("/v1/examples/{example_id}"): paths name example IDs, and
+    an erased ID must not live on in the log. (Each parameter is the path's last occurrence of its value.)"""
+    path = request.url.path
+    for name, value in request.path_params.items():
+        head, found, tail = path.rpartition(str(value))
+        if found:
+            path = f"{head}{{{name}}}{tail}"
+    return path
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception through the one error shape."""
 
@@ -111,11 +122,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _store(request: Request, exc: GradStoreError) -> JSONResponse:
         mapped = library_error(exc)
         if mapped is None:
-            log.error("store error on %s %s: %s", request.method, request.url.path, exc)
+            log.error("store error on %s %s: %s", request.method, _route(request), exc)
             return error_response(500, "store_error", f"the store failed: {type(exc).__name__}")
         return error_response(mapped.status, mapped.code, mapped.message, ids=mapped.ids, headers=mapped.headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.exception("unhandled error on %s %s", request.method, _route(request))
         return error_response(500, "internal_error", "internal server error")

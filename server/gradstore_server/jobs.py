@@ -6,10 +6,12 @@ Layout, next to the store's own records (written through `store.objects`, atomic
     jobs/by-request/<request id>.json  {"job_id": ...}, created once (create-only): repeating a request id
                                        returns the original job
 
-A job goes `queued` -> `running` -> `completed` | `failed`, or, after crashes, `rolled_back`. The record of a
-pending job holds the IDs it will forget (it must, to run after a restart); a finished record keeps only their
-salted hashes (`store.id_hash`, as tombstones and the audit do), so no erased ID survives in the store. Texts
-are never written: a text request is matched at submission and journaled as the IDs it matched.
+A job goes `queued` -> `running` -> `completed` | `failed`, or, after crashes, `rolled_back`. A job whose
+commit failed (the engine is then degraded) is `interrupted`: like a crash in the commit, whether it took
+effect is for the next start to settle. The record of a pending job holds the IDs it will forget (it must, to
+run after a restart); a finished record keeps only their salted hashes (`store.id_hash`, as tombstones and
+the audit do), so no erased ID survives in the store. Texts are never written: a text request is matched at
+submission and journaled as the IDs it matched.
 
 Recovery (`JobManager.start`, after `Engine.start` has let the library settle the model and the store):
 
@@ -17,10 +19,10 @@ Recovery (`JobManager.start`, after `Engine.start` has let the library settle th
   it (weights on disk are the after-state) or drops it (before-state), writing `requests/<request id>.json`
   when it finishes. So a job whose request has that record is `completed` with the library's report (or
   `failed` with `request_id_conflict` if that record is of other examples: the command line used the id);
-- any other `running` job changed nothing on disk (its weights never replaced the old ones). It runs again,
-  unless it has already been started `job_max_attempts` times — a job that keeps killing the server is
-  `rolled_back` (before-state, nothing erased) and must be resubmitted;
-- `queued` jobs run again, in submission order.
+- any other `running` or `interrupted` job changed nothing on disk (its weights never replaced the old
+  ones). It runs again, unless it has already been started `job_max_attempts` times — a job that keeps
+  killing the server is `rolled_back` (before-state, nothing erased) and must be resubmitted;
+- `queued` jobs run again, in submission order (a degraded server stops its runner and leaves them queued).
 
 The model on disk is therefore always exactly the before- or the after-state of every job.
 """
@@ -40,7 +42,7 @@ from typing import Any
 from gradstore_unlearn.tables import json_safe
 from gradstore_unlearn.unlearn import REQUESTS, ForgetReport
 
-from .engine import Engine
+from .engine import CommitFailed, Engine, NotWritable
 from .errors import ApiError, library_error
 from .settings import Settings
 
@@ -49,7 +51,7 @@ log = logging.getLogger("gradstore_server")
 JOBS = "jobs"
 BY_REQUEST = f"{JOBS}/by-request"
 JOB_ID = re.compile(r"[0-9a-f]{32}")
-PENDING = ("queued", "running")
+PENDING = ("queued", "running", "interrupted")  # the job may still change the model: its record holds its IDs
 TERMINAL = ("completed", "failed", "rolled_back")
 RESULT_FIELDS = ("status", "target_loss", "forget_loss_before", "forget_loss_after", "retain_loss_before",
                  "retain_loss_after", "retain_change", "scale", "iterations", "evaluations", "model_hash_before",
@@ -155,7 +157,8 @@ class JobManager:
             self._finish(record, "completed", result=result_of(ForgetReport.from_dict(doc)))
             log.info("job %s: completed before the restart", record["job_id"])
             return False
-        if record["status"] == "running" and record.get("attempts", 0) >= self.settings.job_max_attempts:
+        started = record["status"] in ("running", "interrupted")
+        if started and record.get("attempts", 0) >= self.settings.job_max_attempts:
             self._finish(record, "rolled_back", error={
                 "code": "interrupted",
                 "message": f"the server stopped {record.get('attempts', 0)} times while running this job; it was "
@@ -163,9 +166,9 @@ class JobManager:
                            "it again (with a new request_id) to retry."})
             log.warning("job %s: rolled back after %s interrupted runs", record["job_id"], record.get("attempts"))
             return False
-        if record["status"] == "running":
+        if started:
             log.info("job %s: interrupted (model on disk is the before-state); running it again", record["job_id"])
-            record["status"] = "queued"
+            record.update(status="queued", error=None)
             self._save(record)
         return True
 
@@ -173,8 +176,20 @@ class JobManager:
         """Stop after the current job (a job still running at exit is recovered like after a crash)."""
         self._stopping.set()
         self._queue.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._thread is None:
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("the forget runner is still busy after %.0f s; its job is recovered at the next "
+                        "start", timeout)
+            return
+        # Ready to start again (an application whose lifespan runs twice): `start` re-reads the journal, which
+        # holds every job that was still queued here.
+        self._thread = None
+        self._stopping.clear()
+        self._queue = queue.Queue()
+        with self._counts_lock:
+            self._queued.clear()
 
     # --------------------------------------------------------------------------------------- submission
     def submit(self, request: Any) -> tuple[dict[str, Any], bool]:
@@ -185,9 +200,10 @@ class JobManager:
                 existing = self._job_for_request(request.request_id)
                 if existing is not None:
                     if existing.get("fingerprint") != fingerprint:
-                        raise ApiError(409, "request_id_conflict", f"request_id {request.request_id!r} was used "
-                                       "for a different request (job " + existing["job_id"] + ")")
-                    return public(existing), False
+                        raise self._conflict(request.request_id, existing)
+                    if not request.dry_run:
+                        return public(existing), False
+                    # A dry run of the same request is answered afresh below: it never stands for the job.
             if self.engine.degraded and not request.dry_run:
                 raise ApiError(503, "degraded", self.engine.degraded)
             with self._counts_lock:
@@ -222,21 +238,35 @@ class JobManager:
                 "error": None, "status": "queued", "pending_ids": present + already,
             }
             if request.dry_run:
-                # A dry run reads only (which IDs would be forgotten); it is answered at once, never queued.
+                # A dry run reads only (which IDs would be forgotten); it is answered at once, never queued,
+                # and claims no request id: the request it previews may still be sent under that id.
                 report = self.engine.dry_run(present + already, mode, record["request_id"])
                 record.update(started_at=now, attempts=1)
                 self._finish(record, "completed", result=result_of(report))
                 out = public(record)
                 out["ids"] = present + already  # this response alone names them; the record keeps hashes
-            else:
-                self._save(record)
-                out = public(record)
-            self.objects.write_new(f"{BY_REQUEST}/{record['request_id']}.json",
-                                   json.dumps({"job_id": job_id}).encode())
-            if not request.dry_run:
-                self._enqueue(job_id)
+                out["matches"] = matches
+                return out, True
+            self._save(record)
+            if not self.objects.write_new(f"{BY_REQUEST}/{record['request_id']}.json",
+                                          json.dumps({"job_id": job_id}).encode()):
+                # Another server on this store claimed the id since we looked: its job stands, ours never
+                # runs.
+                self.objects.delete(f"{JOBS}/{job_id}.json")
+                existing = self._job_for_request(record["request_id"])
+                if existing is None or existing.get("fingerprint") != fingerprint:
+                    raise self._conflict(record["request_id"], existing)
+                return public(existing), False
+            self._enqueue(job_id)
+            out = public(record)
             out["matches"] = matches
             return out, True
+
+    @staticmethod
+    def _conflict(request_id: str, existing: dict[str, Any] | None) -> ApiError:
+        job = f" (job {existing['job_id']})" if existing is not None else ""
+        return ApiError(409, "request_id_conflict", f"request_id {request_id!r} was used for a different "
+                        f"request{job}")
 
     def _completed_elsewhere(self, request_id: str | None, ids: list[Any]) -> bool:
         """True if the library completed `request_id` for exactly these IDs without a job of ours (the command
@@ -245,10 +275,15 @@ class JobManager:
         return request_id is not None and self.engine.check_request_id(request_id, ids)
 
     def _fingerprint(self, request: Any) -> str:
-        # Salted (the store's ID hash), so that a text's fingerprint cannot be recomputed from a guess.
-        body = request.model_dump(mode="json", exclude={"request_id"})
+        """What makes two submissions under one request id the same request: the set of IDs (as the library
+        reads a request: order and repeats do not matter) or the text query, and the mode. Not `dry_run`:
+        a preview of a request is that request. Salted (the store's ID hash), so that a text's fingerprint
+        cannot be recomputed from a guess."""
+        body = request.model_dump(mode="json", exclude={"request_id", "dry_run"})
         if body.get("mode") is None:
             body["mode"] = self.settings.default_mode
+        if "ids" in body:  # as JSON texts, so that the integer 3 and the string "3" stay apart
+            body["ids"] = sorted({json.dumps(i, ensure_ascii=True) for i in body["ids"]})
         canonical = json.dumps(body, sort_keys=True, ensure_ascii=True)
         return self.engine.id_hash(hashlib.sha256(canonical.encode()).hexdigest())
 
@@ -285,15 +320,32 @@ class JobManager:
             finally:
                 with self._counts_lock:
                     self._running = None
+            if self.engine.degraded:
+                # Every later job would be refused too: they stay queued in the journal and run after the
+                # restart the degraded state asks for, instead of each failing for good.
+                log.error("forget jobs stopped until a restart: %s", self.engine.degraded)
+                break
 
     def _execute(self, job_id: str) -> None:
         record = self.load(job_id)
-        if record is None or record.get("status") not in PENDING:
+        if record is None or record.get("status") not in ("queued", "running"):
             return
+        before = dict(record)
         record.update(status="running", started_at=time.time(), attempts=record.get("attempts", 0) + 1)
         self._save(record)
         try:
             report = self.engine.forget(record["pending_ids"], record["mode"], record["request_id"])
+        except NotWritable as err:
+            # Refused before anything changed: back to the queue as it was, for the restart to run it.
+            self._save(before)
+            with self._counts_lock:
+                self._queued.add(job_id)
+            log.warning("job %s left queued: %s", job_id, err.message)
+        except CommitFailed as err:
+            # Not final: whether the weights reached the disk is settled by the next start's recovery (the
+            # job is then completed from the library's record of the request, or runs again).
+            record.update(status="interrupted", error={"code": "commit_failed", "message": str(err)})
+            self._save(record)
         except ApiError as err:
             self._finish(record, "failed", error={"code": err.code, "message": err.message})
         except Exception as err:

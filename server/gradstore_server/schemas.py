@@ -253,7 +253,9 @@ class Job(_Out):
     job_id: str
     request_id: str
     kind: Literal["forget"]
-    status: Literal["queued", "running", "completed", "failed", "rolled_back"]
+    status: Literal["queued", "running", "interrupted", "completed", "failed", "rolled_back"] = Field(
+        description="interrupted: its commit failed and the server stopped taking forgets; the next start "
+                    "settles the job (completed if its weights reached the disk, else run again)")
     mode: Mode
     dry_run: bool
     source: Literal["ids", "text"]

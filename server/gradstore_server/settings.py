@@ -15,7 +15,7 @@ caller, and the server refuses to start without at least one.
     GRADSTORE_MAX_QUEUED_JOBS    forget jobs waiting beyond this get 503                  100
     GRADSTORE_JOB_MAX_ATTEMPTS   runs of a job that a crash may interrupt before it is    3
                                  rolled back instead of run again
-    GRADSTORE_LOG_LEVEL          uvicorn / server log level                               info
+    GRADSTORE_LOG_LEVEL          critical, error, warning, info or debug                  info
     GRADSTORE_ACCESS_LOG         log every request line (1/0). Off by default: paths      0
                                  name example IDs, and erased IDs should not live on in logs
 """
@@ -30,6 +30,7 @@ from typing import Any
 
 ENV_PREFIX = "GRADSTORE_"
 MODES = ("first_epoch", "iterative")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")  # what both `logging` and uvicorn accept
 MIN_KEY_LENGTH = 16
 
 
@@ -73,6 +74,8 @@ class Settings:
                 raise SettingsError(f"API keys need at least {MIN_KEY_LENGTH} printable characters without "
                                     "spaces or commas (one of the configured keys does not qualify)")
         object.__setattr__(self, "api_keys", keys)
+        if self.log_level not in LOG_LEVELS:
+            raise SettingsError(f"GRADSTORE_LOG_LEVEL must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.default_mode not in MODES:
             raise SettingsError(f"GRADSTORE_DEFAULT_MODE must be one of {MODES}, got {self.default_mode!r}")
         for name, low in (("port", 0), ("max_body_bytes", 1024), ("max_queued_jobs", 1), ("job_max_attempts", 1)):
@@ -125,6 +128,8 @@ def _parse(name: str, raw: str) -> Any:
         if value not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
             raise SettingsError(f"{variable} must be 1 or 0, got {raw!r}")
         return value in ("1", "true", "yes", "on")
+    if name == "log_level":
+        return raw.strip().lower()  # INFO or info; the value is checked with the others
     if name in ("storage_options", "forget_config"):
         try:
             value = json.loads(raw)

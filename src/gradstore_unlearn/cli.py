@@ -11,17 +11,20 @@
     gradstore serve --store URI --model DIR                     the HTTP server
 
 Each command prints a table, or strict JSON with `--json` (values that were not measured, NaN in a report, are
-null). IDs on the command line are strings or integers: `--id-type auto` (the default) reads "3" as the
-string ID "3" if the store holds one, else as the integer 3; `--id-type int` / `str` say which.
+null; `demo --json` prints its tables on stderr). IDs on the command line are strings or integers: `--id-type
+auto` (the default) reads "3" as the string ID "3" if the store holds or erased one, else as the integer 3
+(only a canonical decimal: "007" is a string); `--id-type int` / `str` say which.
 
-Exit codes: 0 success, 2 bad input (an unknown ID, a missing or unreadable file, a bad value), 3 a forget that
-did not reach its target, 130 interrupted, 141 output closed early (`gradstore info STORE | head -1`).
+Exit codes: 0 success, 2 bad input (an unknown ID, a missing or unreadable file, a bad value, a model that a
+server or another forget holds), 3 a forget that did not reach its target, 130 interrupted, 141 output closed
+early (`gradstore info STORE | head -1`).
 Heavy modules are imported inside the commands, so that `gradstore --help` and `gradstore info` start fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -40,7 +43,7 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
     for item in getattr(args, "storage_option", None) or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"gradstore: --storage-option expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"--storage-option expects KEY=VALUE, got {item!r}")
         options[key] = value
     return options or None
 
@@ -112,19 +115,28 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _resolve_id(store: Any, text: str, id_type: str = "auto") -> Any:
-    """A command-line ID. `auto`: the string as given if the store holds it, else the integer it spells, if
-    any, else the string; `int` / `str`: exactly that (so that the integer 3 is reachable where the store
-    also holds the string "3")."""
+    """A command-line ID. `auto`: the string as given if the store holds it or erased it, else the integer
+    it spells in canonical decimal, if any, else the string; `int` / `str`: exactly that (so that the integer
+    3 is reachable where the store also holds the string "3")."""
     if id_type == "str":
         return text
-    spells_int = text.isascii() and text.isdigit()
     if id_type == "int":
-        if not spells_int:
+        if not (text.isascii() and text.isdigit()):
             raise ValueError(f"--id-type int: {text!r} is not a non-negative integer")
         return int(text)
-    if text in store or not spells_int:
+    # An erased string still names itself, so that repeating a forget of "3" reports it forgotten instead of
+    # erasing the integer 3; and only the canonical spelling names an integer, so that "007" never aliases 7
+    # (the server's rule for IDs in URLs).
+    if text in store or store.is_erased(text) or not _canonical_int(text):
         return text
     return int(text)
+
+
+def _canonical_int(text: str) -> bool:
+    from gradstore._encoding import MAX_INT_ID
+
+    return (text.isascii() and text.isdigit() and (text == "0" or text[0] != "0")
+            and int(text) <= MAX_INT_ID)
 
 
 def _open_engine(args: argparse.Namespace, *, need_model: bool = True) -> Any:
@@ -140,7 +152,7 @@ def _open_engine(args: argparse.Namespace, *, need_model: bool = True) -> Any:
         from .data import encode_documents, read_user_jsonl
 
         if tokenizer is None:
-            raise SystemExit("gradstore: --holdout needs the model directory's tokenizer to encode the texts")
+            raise ValueError("--holdout needs the model directory's tokenizer to encode the texts")
         holdout = encode_documents(tokenizer, read_user_jsonl(args.holdout), model.config.n_positions)
     return Unlearner(model, store, tokenizer=tokenizer, holdout=holdout, model_dir=args.model,
                      config=ForgetConfig())
@@ -217,15 +229,37 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
+    from .unlearn import check_request_id
+
+    if args.request_id is not None:
+        check_request_id(args.request_id)  # before anything is opened: it names objects in the store
+    if args.dry_run:  # changes neither the model nor the store: no need to hold the model
+        return _forget(args)
+    from .model_lock import ModelDirLock, ModelInUseError
+
+    # Held for the whole run: a server (or another forget) on this model starts from the weights it loaded,
+    # and its next save would undo this forget; and a server that starts meanwhile would serve stale weights.
+    try:
+        lock = ModelDirLock(args.model)
+    except ModelInUseError as err:
+        raise ValueError(f"{err}; while a server serves it, send the forget to the server (POST /v1/forget)"
+                         ) from None
+    with lock:
+        return _forget(args)
+
+
+def _forget(args: argparse.Namespace) -> int:
     engine = _open_engine(args)
     if args.text:
         _, report = engine.forget_text(args.text, args.threshold, mode=args.mode, dry_run=args.dry_run,
-                                             request_id=args.request_id)
+                                       request_id=args.request_id)
     else:
         raw = list(args.ids or [])
         if args.ids_file:
             with open(args.ids_file, encoding="utf-8") as f:
-                raw += [line.strip() for line in f if line.strip()]
+                # Only the line break goes: an ID may begin or end with spaces, and stripping them could name
+                # another stored example. Blank lines are skipped.
+                raw += [line.rstrip("\n") for line in f if line.strip()]
         ids = [_resolve_id(engine.store, i, args.id_type) for i in raw]
         report = engine.forget(ids, mode=args.mode, dry_run=args.dry_run, request_id=args.request_id)
     _print(args, report.to_dict(), report.to_table())
@@ -235,15 +269,25 @@ def cmd_forget(args: argparse.Namespace) -> int:
 def cmd_find(args: argparse.Namespace) -> int:
     from gradstore import GradStore
 
+    from .capture import is_later_epoch_record
     from .fuzzy import ShingleIndex
     from .train import load_model
 
+    if not args.text.strip():
+        raise ValueError("the text to match is empty")  # as the library's `Unlearner.find` says
     store = GradStore.open(args.store, storage_options=_storage_options(args), read_only=True)
     _, tokenizer = load_model(args.model)  # the store holds token IDs only: the text needs the model's tokenizer
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer (tokenizer.json): find cannot encode the text")
     tokens = tokenizer(args.text, add_special_tokens=False)["input_ids"]
-    matches = ShingleIndex().add_store(store).query(tokens, args.threshold, metric=args.metric, limit=args.limit)
+    # Later-epoch records (capture policy `all`) are copies of an example, not examples: skipped, as the
+    # library's own fuzzy index skips them.
+    skip = is_later_epoch_record if store.config.capture.get("policy") == "all" else None
+    index = ShingleIndex()
+    if len(tokens) < index.n:
+        raise ValueError(f"the text is {len(tokens)} token(s); matching compares {index.n}-token shingles, so it "
+                         f"needs at least {index.n} tokens")
+    matches = index.add_store(store, skip=skip).query(tokens, args.threshold, metric=args.metric, limit=args.limit)
     rows = [(m.id, round(m.jaccard, 4), round(m.containment, 4)) for m in matches]
     _print(args, [m.__dict__ for m in matches], format_table(["id", "jaccard", "containment"], rows,
                                                              title=f"{len(rows)} match(es)"))
@@ -278,7 +322,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    report = run_demo(args.out, args.size, retrain=args.retrain, seed=args.seed, device=args.device)
+    # With --json, stdout is the one JSON document: the demo's progress and tables go to stderr instead.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        report = run_demo(args.out, args.size, retrain=args.retrain, seed=args.seed, device=args.device)
     if args.json:
         _print_json({k: report[k] for k in ("checks", "seconds", "requests")})
     return 0
@@ -295,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--retrain", action="store_true", help="also retrain without the forgotten records (KS test)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    demo.add_argument("--json", action="store_true", help="also print the checks as JSON")
+    demo.add_argument("--json", action="store_true",
+                      help="print the checks as JSON on stdout (the progress and tables go to stderr)")
     demo.set_defaults(func=cmd_demo)
 
     info = sub.add_parser("info", help="describe a store")
@@ -332,18 +379,21 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--model", required=True, help="the model directory (updated in place, atomically)")
     which = forget.add_mutually_exclusive_group(required=True)
     which.add_argument("--ids", nargs="+", metavar="ID")
-    which.add_argument("--ids-file", metavar="FILE", help="one ID per line")
+    which.add_argument("--ids-file", metavar="FILE",
+                       help="one ID per line, as stored (blank lines are skipped)")
     which.add_argument("--text", help="forget every stored example that matches this text")
     forget.add_argument("--id-type", default="auto", choices=ID_TYPES,
-                        help="how to read --ids / --ids-file: auto (a string the store holds, else an integer), "
-                             "int or str")
+                        help="how to read --ids / --ids-file: auto (a string the store holds or erased, else "
+                             "an integer), int or str")
     # Above 0, as in the server: at 0 every stored example would match the text.
     forget.add_argument("--threshold", type=_fraction(allow_zero=False), default=0.5,
                         help="similarity threshold for --text, in (0, 1]")
     forget.add_argument("--mode", default="first_epoch", choices=["first_epoch", "iterative"])
     forget.add_argument("--holdout", metavar="FILE.jsonl", help="never-trained texts: the calibration target "
                         "(default: the store's reference set)")
-    forget.add_argument("--request-id", default=None, help="makes the request idempotent")
+    forget.add_argument("--request-id", default=None,
+                        help="makes the request idempotent: 1-128 letters, digits and ._:- starting with a "
+                             "letter or digit")
     forget.add_argument("--dry-run", action="store_true", help="resolve and report, change nothing")
     forget.add_argument("--json", action="store_true")
     _add_store_options(forget)
@@ -367,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--text", help="a text, scored on the current model")
     target.add_argument("--id", help="a stored example (its first-epoch gradient)")
     influence.add_argument("--id-type", default="auto", choices=ID_TYPES,
-                           help="how to read --id: auto (a string the store holds, else an integer), int or str")
+                           help="how to read --id: auto (a string the store holds or erased, else an "
+                                "integer), int or str")
     influence.add_argument("--k", type=_int_at_least(1), default=10)
     influence.add_argument("--json", action="store_true")
     _add_store_options(influence)

@@ -282,6 +282,24 @@ def save_weights_atomically(model: Any, model_dir: str | os.PathLike[str],
         os.close(fd)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+
+
+def weights_fingerprint(model_dir: str | os.PathLike[str]) -> tuple[Any, ...]:
+    """(name, size, mtime, inode) of each weight file: cheap, and changed by any save (an atomic save renames
+    a new file into place: a new inode), where hashing gigabytes of weights at each forget would not be."""
+    out = []
+    try:
+        with os.scandir(model_dir) as entries:
+            for entry in entries:
+                if entry.name.endswith(WEIGHT_SUFFIXES) and entry.is_file():
+                    st = entry.stat()
+                    out.append((entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    except FileNotFoundError:
+        return ()
+    return tuple(sorted(out))
+
+
 def weights_on_disk(model_dir: str | os.PathLike[str], digests: dict[str, str]) -> bool:
     """Whether `model_dir` holds exactly the weight files `save_weights_atomically` staged with these digests."""
     try:
@@ -351,6 +369,9 @@ class Unlearner:
         self._doc_freq: torch.Tensor | None = None
         self._index: ShingleIndex | None = None
         self._installed: str | None = None  # the last request whose after-state this process saved (or holds)
+        # The weights on disk as this engine found them (or last saved them): a commit over weights another
+        # process has saved since would undo that process's forget.
+        self._weights_seen = weights_fingerprint(self.model_dir) if self.model_dir is not None else None
         self.recover(wait=False)  # a journal under a held lock is a commit running now, not a crashed one
 
     # ------------------------------------------------------------------------------------------- helpers
@@ -852,6 +873,10 @@ class Unlearner:
                  "model_hash_after": report.model_hash_after, "audit_name": self.store.audit_name()}
         journal_key = f"{FORGET_JOURNAL}/{report.request_id}.json"
         with self.store.lock(COMMIT_LOCK, timeout_s=COMMIT_LOCK_TIMEOUT_S):
+            if self.model_dir is not None and weights_fingerprint(self.model_dir) != self._weights_seen:
+                raise ForgetError(f"the weights in {self.model_dir} were replaced since this engine read them "
+                                  "(another process committed a forget?): committing would undo that; load the "
+                                  "model again and repeat the request")
             objects.write(journal_key, json.dumps(entry).encode())
             if self.model_dir is not None:
                 def journal_weights(digests: dict[str, str]) -> None:
@@ -859,6 +884,7 @@ class Unlearner:
                     objects.write(journal_key, json.dumps(entry).encode())
 
                 save_weights_atomically(self.model, self.model_dir, on_staged=journal_weights)
+                self._weights_seen = weights_fingerprint(self.model_dir)
             self._installed = report.request_id  # from here on the after-state is what a recovery finishes
             self._finish(entry, keys)
         report.erasure_receipt = entry["report"].get("erasure_receipt")

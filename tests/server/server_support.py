@@ -59,7 +59,7 @@ class Template:
         return self.root / "model"
 
 
-def build_template(root: Path) -> Template:
+def build_template(root: Path, capture_policy: str = "first") -> Template:
     import torch
     import transformers
 
@@ -82,7 +82,8 @@ def build_template(root: Path) -> Template:
                                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
                                      eos_token_id=tokenizer.eos_token_id)
     model = transformers.GPT2LMHeadModel(config)
-    store = GradStore.create(root / "store", dim=32, vocab_size=len(tokenizer), dtype="float32", model_id="tiny")
+    store = GradStore.create(root / "store", dim=32, vocab_size=len(tokenizer), dtype="float32",
+                             model_id="tiny", capture_policy=capture_policy)
     train_model(model, sequences, ids, TrainConfig(epochs=6, batch_size=8, lr=1e-2, warmup_steps=5,
                                                    pad_token_id=tokenizer.pad_token_id),
                 store=store, progress=False)

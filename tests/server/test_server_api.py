@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import pytest
 import torch
-from server_support import API_KEY, OTHER_KEY, SLOW_FORGET, wait_job
+from server_support import API_KEY, OTHER_KEY, SLOW_FORGET, build_template, copy_template, wait_job
 
 from gradstore import GradStore
 from gradstore_unlearn.train import load_model
@@ -231,6 +232,46 @@ def test_repeated_request_id_returns_the_original_job(client):
     assert_error(other, 409, "request_id_conflict")
 
 
+def test_a_request_id_names_a_set_of_ids_and_a_dry_run_claims_none(client):
+    preview = forget(client, {"ids": [19, 20], "request_id": "dsr-3", "dry_run": True})
+    assert preview["status"] == "completed" and preview["result"]["status"] == "dry_run"
+    job = forget(client, {"ids": [20, 19], "request_id": "dsr-3"})  # 202: the preview did not claim the id
+    assert job["job_id"] != preview["job_id"]
+    assert wait_job(client, job["job_id"])["status"] == "completed"
+    for ids in ([19, 20], [20, 19, 19]):  # the same examples, in any order, repeated or not
+        again = client.post("/v1/forget", json={"ids": ids, "request_id": "dsr-3"})
+        assert again.status_code == 200 and again.json()["job_id"] == job["job_id"], ids
+    for body in ({"ids": [19, "20"]}, {"ids": [19]}, {"ids": [19, 20], "mode": "iterative"}):
+        refused = client.post("/v1/forget", json={**body, "request_id": "dsr-3"})
+        assert_error(refused, 409, "request_id_conflict")
+
+
+def test_a_request_id_claimed_meanwhile_elsewhere_wins(client, workspace, monkeypatch):
+    """Another server on the store may claim a request id between our look-up and our claim: its job stands,
+    ours is dropped before it can run (the same request gets that job, another one 409)."""
+    first = forget(client, {"ids": [21], "request_id": "dsr-4"})
+    wait_job(client, first["job_id"])
+    manager = client.app.state.jobs
+    real = manager._job_for_request
+    calls = []
+
+    def not_claimed_yet(request_id):
+        calls.append(request_id)
+        return None if len(calls) == 1 else real(request_id)
+
+    monkeypatch.setattr(manager, "_job_for_request", not_claimed_yet)
+    other = client.post("/v1/forget", json={"ids": [22], "request_id": "dsr-4"})
+    assert_error(other, 409, "request_id_conflict")
+    calls.clear()
+    same = client.post("/v1/forget", json={"ids": [21], "request_id": "dsr-4"})
+    assert same.status_code == 200 and same.json()["job_id"] == first["job_id"]
+    store = GradStore.open(workspace.store, read_only=True)
+    assert [n for n in store.objects.list_dir("jobs") if n.endswith(".json")] == [f"{first['job_id']}.json"]
+    time.sleep(0.2)
+    assert client.get("/v1/examples/22").status_code == 200
+    assert client.get("/v1/stats").json()["jobs"] == {"queued": 0, "running": 0}
+
+
 def test_forget_already_erased(client):
     done = wait_job(client, forget(client, {"ids": [13, 14], "mode": "iterative"})["job_id"])
     assert done["result"]["status"] == "forgotten"
@@ -391,3 +432,44 @@ def test_a_full_queue_is_503(workspace):
         for job in (running, waiting):
             assert wait_job(client, job["job_id"])["status"] == "completed"
         assert client.post("/v1/forget", json={"ids": [26]}).status_code == 202
+
+
+# ------------------------------------------------------------------------------------------- logging
+def test_error_logs_name_the_route_not_the_id(client, monkeypatch, caplog):
+    from gradstore import GradStoreError
+
+    def fails(*args, **kwargs):
+        raise GradStoreError("disk trouble")
+
+    monkeypatch.setattr(client.app.state.engine, "example", fails)
+    with caplog.at_level(logging.ERROR, logger="gradstore_server"):
+        assert_error(client.get("/v1/examples/rec-secret-7"), 500, "store_error")
+    assert "/v1/examples/{example_id}" in caplog.text and "rec-secret-7" not in caplog.text
+
+
+# ----------------------------------------------------------------------------------- capture policy all
+@pytest.fixture(scope="module")
+def all_epochs(tmp_path_factory):
+    return build_template(tmp_path_factory.mktemp("all-epochs"), capture_policy="all")
+
+
+def test_later_epoch_records_are_not_examples(all_epochs, tmp_path, capsys):
+    """Under capture policy `all` the store holds `<id>@epochN` copies of each example: text influence (here)
+    and `gradstore find` rank examples, as the library's own influence and fuzzy index do."""
+    from fastapi.testclient import TestClient
+
+    from gradstore_server import create_app
+    from gradstore_unlearn import cli
+    from gradstore_unlearn.capture import is_later_epoch_record
+
+    ws = copy_template(all_epochs, tmp_path)
+    assert any(is_later_epoch_record(k) for k in GradStore.open(ws.store, read_only=True).ids())
+    text = all_epochs.texts[3]
+    with TestClient(create_app(ws.settings()), headers={"X-API-Key": API_KEY}) as client:
+        ids = [r["id"] for r in client.post("/v1/influence", json={"text": text, "k": 30}).json()["results"]]
+    assert len(ids) == 30 and not any(is_later_epoch_record(i) for i in ids)
+    assert cli.main(["find", "--store", str(ws.store), "--model", str(ws.model), "--text", text,
+                     "--threshold", "0.05", "--limit", "100", "--json"]) == 0
+    found = [m["id"] for m in json.loads(capsys.readouterr().out)]
+    assert found[0] == 3 and len(found) == len(set(found))
+    assert not any(is_later_epoch_record(i) for i in found)

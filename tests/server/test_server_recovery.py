@@ -9,13 +9,16 @@ import time
 import uuid
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
-from server_support import API_KEY, COMMIT_FORGET, wait_job
+from server_support import API_KEY, COMMIT_FORGET, SLOW_FORGET, wait_job
 
 from gradstore import GradStore
 from gradstore_server import create_app
+from gradstore_server import engine as engine_module
+from gradstore_server.engine import Engine
 from gradstore_server.errors import ApiError
-from gradstore_unlearn import unlearn
+from gradstore_unlearn import cli, unlearn
 from gradstore_unlearn.train import load_model
 from gradstore_unlearn.unlearn import ForgetConfig, Unlearner, model_hash
 
@@ -130,7 +133,7 @@ def test_one_server_per_model_directory(workspace):
     lock = workspace.model / ".gradstore-server.lock"
     with serve(workspace) as client:
         assert client.get("/healthz").status_code == 200 and lock.exists()
-        with pytest.raises(RuntimeError, match="another gradstore server"), serve(workspace):
+        with pytest.raises(RuntimeError, match="in use by another gradstore process"), serve(workspace):
             pass
         assert lock.exists()  # the refused server leaves the holder's lock alone
     assert not lock.exists()  # released, and removed, on shutdown
@@ -138,9 +141,56 @@ def test_one_server_per_model_directory(workspace):
         assert client.get("/healthz").status_code == 200
 
 
+def test_the_command_line_cannot_forget_a_model_the_server_serves(workspace, capsys):
+    """A `gradstore forget` beside the server would be undone by the server's next forget (which starts from
+    the weights the server loaded): it is refused, and changes nothing."""
+    before = disk_hash(workspace)
+    argv = ["forget", "--store", str(workspace.store), "--model", str(workspace.model), "--ids", "5",
+            "--id-type", "int", "--request-id", "cli-A"]
+    with serve(workspace) as client:
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "in use by another gradstore process" in err
+        assert "POST /v1/forget" in err
+        assert disk_hash(workspace) == before and client.get("/v1/examples/5").status_code == 200
+        # A dry run changes nothing: it may run beside the server.
+        assert cli.main([*argv, "--dry-run"]) == 0
+    assert disk_hash(workspace) == before
+
+
+def test_weights_replaced_on_disk_stop_forgets_until_a_restart(workspace):
+    """Weights another process saved under the server (without its lock) are never overwritten with a forget
+    that started from the old ones: the job stays queued, forgets are refused, and after the restart the job
+    runs on the new weights."""
+    with serve(workspace) as client:
+        served = client.get("/v1/stats").json()["model"]["hash"]
+        model, _ = load_model(workspace.model)
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(1.01)
+        unlearn.save_weights_atomically(model, workspace.model)
+        replaced = disk_hash(workspace)
+        job = client.post("/v1/forget", json={"ids": [20], "request_id": "after-replace"}).json()
+        deadline = time.monotonic() + 60
+        while client.app.state.engine.degraded is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert "changed since the server loaded" in client.app.state.engine.degraded
+        while (pending := client.get(f"/v1/jobs/{job['job_id']}").json())["status"] != "queued":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert pending["attempts"] == 0 and pending["error"] is None
+        refused = client.post("/v1/forget", json={"ids": [21]})
+        assert refused.status_code == 503 and refused.json()["code"] == "degraded"
+        assert client.get("/v1/stats").json()["model"]["hash"] == served
+    assert disk_hash(workspace) == replaced  # not overwritten
+    with serve(workspace) as client:
+        done = wait_job(client, job["job_id"])
+        assert done["status"] == "completed" and done["result"]["model_hash_before"] == replaced
+
+
 def test_a_failed_commit_degrades_until_restart(workspace, monkeypatch):
     """If saving the weights fails mid-commit, the server stops taking forgets (reads go on) until a restart
-    lets recovery compare the weights on disk with the journal."""
+    lets recovery compare the weights on disk with the journal; the job is settled then."""
     before = disk_hash(workspace)
 
     def disk_full(*args, **kwargs):
@@ -150,16 +200,129 @@ def test_a_failed_commit_degrades_until_restart(workspace, monkeypatch):
         with monkeypatch.context() as patch:
             patch.setattr(unlearn, "save_weights_atomically", disk_full)
             job = wait_job(client, client.post("/v1/forget", json={"ids": [27]}).json()["job_id"])
-        assert job["status"] == "failed" and job["error"]["code"] == "internal_error"
+        assert job["status"] == "interrupted" and job["error"]["code"] == "commit_failed"
+        assert job["ids"] == [27]  # still pending: the record keeps the IDs it will forget
         refused = client.post("/v1/forget", json={"ids": [28]})
         assert refused.status_code == 503 and refused.json()["code"] == "degraded"
         assert client.get("/v1/examples/27").status_code == 200  # reads still served, from the old state
         assert client.get("/v1/stats").json()["model"]["hash"] == before
     assert disk_hash(workspace) == before
-    with serve(workspace) as client:  # recovery dropped the journal entry: the model never changed
+    with serve(workspace) as client:  # recovery dropped the journal entry (the model never changed): it runs
         assert not GradStore.open(workspace.store).objects.list_dir("forget-journal")
-        job = wait_job(client, client.post("/v1/forget", json={"ids": [27]}).json()["job_id"])
+        job = wait_job(client, job["job_id"])
         assert job["status"] == "completed" and job["result"]["model_hash_before"] == before
+        assert job["attempts"] == 2 and job["error"] is None
+
+
+def test_a_job_whose_erasure_failed_is_completed_at_restart(workspace, monkeypatch):
+    """The weights were saved, then the erasure failed: the restart's recovery finishes the forget, and the
+    job is completed with it (not `failed` for good while its forget took effect)."""
+    real_erase = GradStore.erase
+    calls = []
+
+    def erase_fails_once(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+        return real_erase(self, *args, **kwargs)
+
+    with serve(workspace) as client:
+        with monkeypatch.context() as patch:
+            patch.setattr(GradStore, "erase", erase_fails_once)
+            submitted = client.post("/v1/forget", json={"ids": [7], "request_id": "dsr-7"}).json()
+            job = wait_job(client, submitted["job_id"])
+        assert job["status"] == "interrupted" and job["error"]["code"] == "commit_failed"
+    with serve(workspace) as client:
+        done = client.get(f"/v1/jobs/{job['job_id']}").json()
+        assert done["status"] == "completed" and done["attempts"] == 1 and done["error"] is None
+        assert done["result"]["model_hash_after"] == disk_hash(workspace)
+        assert client.get("/v1/examples/7").json()["code"] == "erased"
+        assert [r["request_id"] for r in client.get("/v1/audit").json()["items"]] == ["dsr-7"]
+        again = client.post("/v1/forget", json={"ids": [7], "request_id": "dsr-7"})
+        assert again.status_code == 200 and again.json()["job_id"] == job["job_id"]
+
+
+def test_a_degraded_server_leaves_queued_jobs_queued(workspace, monkeypatch):
+    """Jobs queued behind a failed commit are not failed for good: they run after the restart."""
+    real_erase = GradStore.erase
+    calls = []
+
+    def erase_fails_once(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+        return real_erase(self, *args, **kwargs)
+
+    with serve(workspace, forget_config=SLOW_FORGET) as client:
+        with monkeypatch.context() as patch:
+            patch.setattr(GradStore, "erase", erase_fails_once)
+            first = client.post("/v1/forget", json={"ids": [15], "request_id": "A"}).json()
+            second = client.post("/v1/forget", json={"ids": [16], "request_id": "B"}).json()
+            assert wait_job(client, first["job_id"], 300)["status"] == "interrupted"
+            time.sleep(0.5)
+        assert client.get(f"/v1/jobs/{second['job_id']}").json()["status"] == "queued"
+        assert client.get("/v1/stats").json()["jobs"] == {"queued": 1, "running": 0}
+    with serve(workspace) as client:
+        assert wait_job(client, first["job_id"])["status"] == "completed"
+        later = wait_job(client, second["job_id"])
+        assert later["status"] == "completed" and later["attempts"] == 1
+        assert client.get("/v1/examples/16").status_code == 409
+
+
+def test_a_failure_while_publishing_leaves_no_unpublished_commit(workspace, monkeypatch):
+    """Whatever fails between calibrating and publishing, the model served is the model on disk: a failure
+    before the commit commits nothing, and one after it degrades the server (else the next forget would
+    start from the published weights and undo the first one on disk)."""
+    before = disk_hash(workspace)
+    with serve(workspace) as client:
+        with monkeypatch.context() as patch:
+            def snapshot_fails(*args, **kwargs):
+                raise OSError(5, "Input/output error")
+
+            patch.setattr(Engine, "_new_snapshot", snapshot_fails)
+            job = wait_job(client, client.post("/v1/forget", json={"ids": [8]}).json()["job_id"])
+        assert job["status"] == "failed"
+        assert disk_hash(workspace) == before == client.get("/v1/stats").json()["model"]["hash"]
+        assert client.get("/v1/examples/8").status_code == 200 and client.app.state.engine.degraded is None
+        job = wait_job(client, client.post("/v1/forget", json={"ids": [9]}).json()["job_id"])
+        assert job["status"] == "completed" and job["result"]["model_hash_before"] == before
+
+        committed = []
+        real_commit = Unlearner._commit
+        real_fingerprint = engine_module.weights_fingerprint
+
+        def commit(self, *args, **kwargs):
+            real_commit(self, *args, **kwargs)
+            committed.append(1)
+
+        def fingerprint_fails_after_the_commit(model_dir):
+            if committed:
+                raise OSError(5, "Input/output error")
+            return real_fingerprint(model_dir)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Unlearner, "_commit", commit)
+            patch.setattr(engine_module, "weights_fingerprint", fingerprint_fails_after_the_commit)
+            job = wait_job(client, client.post("/v1/forget", json={"ids": [10]}).json()["job_id"])
+        assert job["status"] == "interrupted" and client.app.state.engine.degraded
+        assert client.post("/v1/forget", json={"ids": [11]}).status_code == 503
+    with serve(workspace) as client:
+        done = client.get(f"/v1/jobs/{job['job_id']}").json()
+        assert done["status"] == "completed" and done["result"]["model_hash_after"] == disk_hash(workspace)
+        assert client.get("/v1/stats").json()["model"]["hash"] == disk_hash(workspace)
+
+
+def test_an_application_started_twice_takes_the_model_and_runs_jobs_again(workspace):
+    app = create_app(workspace.settings())
+    with TestClient(app, headers={"X-API-Key": API_KEY}):
+        pass
+    assert not (workspace.model / ".gradstore-server.lock").exists()
+    with TestClient(app, headers={"X-API-Key": API_KEY}) as client:
+        assert (workspace.model / ".gradstore-server.lock").exists()
+        with pytest.raises(RuntimeError, match="in use"), serve(workspace):
+            pass
+        job = wait_job(client, client.post("/v1/forget", json={"ids": [14]}).json()["job_id"])
+        assert job["status"] == "completed"
 
 
 def complete_outside_the_server(workspace, ids: list, request_id: str) -> unlearn.ForgetReport:

@@ -49,6 +49,7 @@ def test_keys_never_show_in_repr():
     ({"GRADSTORE_DEFAULT_MODE": "fast"}, "DEFAULT_MODE"),
     ({"GRADSTORE_JOB_MAX_ATTEMPTS": "0"}, "job_max_attempts"),
     ({"GRADSTORE_ACCESS_LOG": "maybe"}, "ACCESS_LOG"),
+    ({"GRADSTORE_LOG_LEVEL": "verbose"}, "GRADSTORE_LOG_LEVEL must be one of"),
 ])
 def test_bad_settings_are_named(change, message):
     with pytest.raises(SettingsError, match=message):
@@ -82,6 +83,15 @@ def test_serve_without_settings_exits_2(monkeypatch, capsys):
     assert "no API key" in capsys.readouterr().err
     monkeypatch.setenv("GRADSTORE_API_KEYS", API_KEY)
     assert main(["--store", "x", "--model", "y", "--storage-option", "novalue"]) == 2
+    capsys.readouterr()
+    monkeypatch.setenv("GRADSTORE_LOG_LEVEL", "verbose")  # was a traceback from `logging` and exit 1
+    assert main(["--store", "x", "--model", "y"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "GRADSTORE_LOG_LEVEL must be one of" in err
+    monkeypatch.setenv("GRADSTORE_LOG_LEVEL", "DEBUG")
+    assert settings_from_args(argparse.Namespace(store="x", model="y", host=None, port=None, device=None,
+                                                 api_key=None, storage_option=None, log_level=None,
+                                                 access_log=None)).log_level == "debug"
 
 
 def test_module_entry_point_help():

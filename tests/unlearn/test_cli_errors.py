@@ -254,3 +254,106 @@ def test_loading_a_model_draws_no_bar_and_keeps_the_callers_setting(ws, capfd):
     load_model(ws / "model")
     assert "Loading" not in capfd.readouterr().err
     assert transformers.utils.logging.is_progress_bar_enabled()
+
+
+# ------------------------------------------------------------------------------------------ IDs, forget
+def test_an_erased_string_id_still_names_itself(ws, capsys):
+    """Once the string "3" is erased, `--ids 3` (auto) still names it, reported already forgotten: it never
+    turns into the integer 3, which is another example."""
+    GradStore.open(ws / "store").erase(["3"])
+    code, out, _ = run(capsys, "forget", "--store", ws / "store", "--model", ws / "model", "--ids", "3",
+                       "--dry-run", "--json")
+    assert code == 0
+    report = strict_json(out)
+    assert report["ids"] == [] and report["already_forgotten"] == ["3"]
+    code, out, _ = run(capsys, "forget", "--store", ws / "store", "--model", ws / "model", "--ids", "3",
+                       "--id-type", "int", "--dry-run", "--json")
+    assert code == 0 and strict_json(out)["ids"] == [3]
+
+
+def test_only_a_canonical_decimal_names_an_integer(ws, capsys):
+    code, _, err = run(capsys, "forget", "--store", ws / "store", "--model", ws / "model", "--ids", "007",
+                       "--dry-run")
+    assert code == 2 and "unknown ID '007'" in one_line_error(err)
+    code, out, _ = run(capsys, "forget", "--store", ws / "store", "--model", ws / "model", "--ids", "7", "0",
+                       "--dry-run", "--json")
+    assert code == 0 and strict_json(out)["ids"] == [7, 0]
+
+
+@pytest.mark.parametrize("request_id", ["dsr/2026/42", "../gradstore", "", "two words"])
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_bad_request_id_is_refused_before_anything_changes(ws, capsys, request_id, dry_run):
+    # Request ids name objects in the store (requests/<id>.json): a '/' made a directory of the journal that
+    # no later command (nor the server) could open.
+    argv = ["forget", "--store", ws / "store", "--model", ws / "model", "--ids", "10", "--id-type", "int",
+            "--request-id", request_id] + (["--dry-run"] if dry_run else [])
+    before = sorted(p.relative_to(ws) for p in ws.rglob("*"))
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert "invalid request id" in one_line_error(err)
+    assert sorted(p.relative_to(ws) for p in ws.rglob("*")) == before
+
+
+def test_forget_refuses_a_model_another_process_holds(ws, capsys):
+    """A server (or another `gradstore forget`) holds the model directory: a forget beside it would be undone
+    by the holder's next save, so it is refused; a dry run changes nothing and may run."""
+    from gradstore_unlearn.model_lock import ModelDirLock
+
+    argv = ["forget", "--store", ws / "store", "--model", ws / "model", "--ids", "rec-1"]
+    with ModelDirLock(ws / "model"):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and out == ""
+        assert "in use by another gradstore process" in one_line_error(err)
+        assert run(capsys, *argv, "--dry-run")[0] == 0
+    assert "rec-1" in GradStore.open(ws / "store")
+    assert not (ws / "model" / ".gradstore-server.lock").exists()
+
+
+def test_ids_file_lines_are_ids_as_stored(ws, capsys):
+    ids_file = ws / "ids.txt"
+    ids_file.write_text("rec-1\n\n7\n")
+    code, out, _ = run(capsys, "forget", "--store", ws / "store", "--model", ws / "model", "--ids-file",
+                       ids_file, "--dry-run", "--json")
+    assert code == 0 and strict_json(out)["ids"] == ["rec-1", 7]
+    ids_file.write_text(" rec-1\n")  # not silently read as another ID: spaces are part of an ID
+    code, _, err = run(capsys, "forget", "--store", ws / "store", "--model", ws / "model", "--ids-file",
+                       ids_file, "--dry-run")
+    assert code == 2 and "unknown ID ' rec-1'" in one_line_error(err)
+
+
+# ----------------------------------------------------------------------------------- more bad input
+def test_bad_input_is_exit_2_with_one_line(ws, capsys):
+    no_tokenizer = ws / "no-tokenizer"
+    shutil.copytree(ws / "model", no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
+    holdout = ws / "holdout.jsonl"
+    holdout.write_text(json.dumps({"id": 1, "text": "hello there"}) + "\n")
+    cases = [
+        (["info", ws / "store", "--storage-option", "noequals"], "--storage-option expects KEY=VALUE"),
+        (["forget", "--store", ws / "store", "--model", no_tokenizer, "--ids", "rec-1", "--holdout", holdout,
+          "--dry-run"], "--holdout needs the model directory's tokenizer"),
+        (["find", "--store", ws / "store", "--model", ws / "model", "--text", ""], "text to match is empty"),
+        (["find", "--store", ws / "store", "--model", ws / "model", "--text", " "], "text to match is empty"),
+    ]
+    for argv, message in cases:
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and out == "", argv
+        assert message in one_line_error(err), argv
+
+
+def test_demo_json_prints_only_json_on_stdout(monkeypatch, tmp_path, capsys):
+    from gradstore_unlearn import demo
+
+    def fake_demo(out, size, **kwargs):
+        print("[   0.0s] training ...")  # as the demo's progress lines and tables are printed
+        print("Does it forget?")
+        checks = [{"check": "forgotten", "value": 1.0, "passed": True}]
+        return {"checks": checks, "seconds": 1.0, "requests": []}
+
+    monkeypatch.setattr(demo, "run_demo", fake_demo)
+    code, out, err = run(capsys, "demo", "--out", tmp_path / "demo", "--json")
+    assert code == 0
+    assert strict_json(out)["checks"][0]["passed"] is True
+    assert "Does it forget?" in err
+    code, out, _ = run(capsys, "demo", "--out", tmp_path / "demo")
+    assert code == 0 and "Does it forget?" in out

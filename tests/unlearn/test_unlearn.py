@@ -647,3 +647,23 @@ def test_iterations_count_the_steps_taken(world, monkeypatch):
 def test_every_forget_setting_is_checked_when_the_configuration_is_made(field, value, message):
     with pytest.raises(InvalidInputError, match=message):
         ForgetConfig(**{field: value}).validate()
+
+
+def test_a_commit_over_weights_another_engine_saved_is_refused(world, tmp_path):
+    """Two engines on one model directory each start from the weights they read: the second to commit would
+    replace the first one's forget with weights that still know what it erased."""
+    from gradstore_unlearn.unlearn import save_weights_atomically
+
+    model_dir = saved(world, tmp_path)
+    engine = Unlearner(world.model, world.store, model_dir=model_dir, config=LENIENT)
+    elsewhere = copy.deepcopy(world.model)
+    with torch.no_grad():
+        elsewhere.get_input_embeddings().weight[3] += 1.0
+    save_weights_atomically(elsewhere, model_dir)  # another process committed its forget meanwhile
+    before = model_hash(world.model)
+    with pytest.raises(ForgetError, match="were replaced since this engine read them"):
+        engine.forget(["r1"], mode="iterative")
+    assert model_hash(world.model) == before and "r1" in world.store
+    assert not world.store.objects.list_dir("forget-journal")
+    reloaded = restart(world, model_dir)  # an engine that read the new weights commits
+    assert reloaded.forget(["r1"], mode="iterative").status == "forgotten"

@@ -5,8 +5,9 @@ Answers 202 with a new job (poll `GET /v1/jobs/{job_id}`), or 200 with the origi
 whose IDs were *all* erased already (409; a mix forgets the live ones and counts the others in
 `result.n_already_forgotten`), a text that matches nothing (404), a `request_id` used before for a
 different request, here or by `gradstore forget --request-id` for other IDs (409 `request_id_conflict`).
-A dry run is answered at once: its job is already completed and its response lists the IDs that would be
-forgotten.
+A request id may be repeated for the same IDs in any order. A dry run is answered at once: its job is already
+completed and its response lists the IDs that would be forgotten; it claims no request id, so the request it
+previews can then be sent under that id.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ import ast
 import functools
 import hashlib
 import json
+import logging
 import os
 import random
 import sys
@@ -48,8 +49,12 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from gradstore._encoding import MAX_ID_BYTES, MAX_INT_ID
+
 if TYPE_CHECKING:  # transformers is slow to import; only the tokenizer functions need it
     from transformers import PreTrainedTokenizerFast
+
+log = logging.getLogger("gradstore_unlearn")
 
 __all__ = [
     "CORPUS_SIZES",
@@ -82,8 +87,9 @@ __all__ = [
 DocumentId = str | int
 Kind = Literal["doc", "record"]
 
-MAX_ID_BYTES = 256
-"""Longest allowed ID, in bytes of UTF-8 (of ``str(id)`` for integer IDs)."""
+# The store's own limits on IDs: a corpus is refused here, line by line, rather than half-way through training.
+# MAX_ID_BYTES: longest allowed ID, in bytes of UTF-8 (of ``str(id)`` for integer IDs); MAX_INT_ID: largest
+# integer ID.
 
 DOC_SPLITS = ("train", "eval")
 RECORD_SPLITS = ("forget", "retain", "holdout")
@@ -147,6 +153,8 @@ def _id_problem(value: object) -> str | None:
     size = len(str(value).encode("utf-8"))
     if size > MAX_ID_BYTES:
         return f"'id' is {size} bytes of UTF-8; at most {MAX_ID_BYTES} are allowed"
+    if isinstance(value, int) and value > MAX_INT_ID:
+        return f"'id' {value} is larger than 2**63 - 1, the largest integer ID a store holds"
     return None
 
 
@@ -642,15 +650,22 @@ def _select_docs(n_docs: int | None, max_chars: int | None, eval_fraction: float
     if n_docs is not None and n_docs > len(available):
         raise ValueError(f"n_docs={n_docs}, but the standard library has only {len(available)} usable docstrings")
     ranked = sorted(range(len(available)), key=lambda i: _unit_hash("select", available[i][0]))
-    chosen = sorted(ranked if n_docs is None else ranked[:n_docs])
+    # Two docstrings may only differ after the cut: a duplicate is passed over and the next in hash order taken,
+    # so that n_docs are returned whenever that many distinct texts exist.
+    chosen, seen_texts = [], set()
+    for i in ranked:
+        if n_docs is not None and len(chosen) == n_docs:
+            break
+        text = _truncate(available[i][1], max_chars)
+        if text not in seen_texts:
+            seen_texts.add(text)
+            chosen.append((i, text))
+    if n_docs is not None and len(chosen) < n_docs:
+        raise ValueError(f"n_docs={n_docs}, but only {len(chosen)} docstrings remain distinct when cut to "
+                         f"{max_chars} characters")
     documents = []
-    seen_texts: set[str] = set()
-    for i in chosen:
-        doc_id, text = available[i]
-        text = _truncate(text, max_chars)
-        if text in seen_texts:  # two docstrings may only differ after the cut
-            continue
-        seen_texts.add(text)
+    for i, text in sorted(chosen):  # kept in source order
+        doc_id = available[i][0]
         split = "eval" if _unit_hash("split", doc_id) < eval_fraction else "train"
         documents.append(Document(id=doc_id, text=text, kind="doc", split=split))
     return documents
@@ -757,7 +772,16 @@ def encode_documents(
     texts = [d.text if isinstance(d, Document) else d for d in documents]
     if not texts:
         return []
+    empty = [i for i, text in enumerate(texts) if not isinstance(text, str) or not text.strip()]
+    if empty:
+        raise ValueError(f"document {empty[0]} has no text to encode"
+                         + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""))
     encoded = tokenizer(texts, add_special_tokens=False).input_ids
+    cut = sum(len(ids) > max_length - 1 for ids in encoded)
+    if cut:
+        # Not silent: what is cut is never trained on or captured, so it cannot be forgotten or explained.
+        log.warning("%d of %d documents are longer than %d tokens and were cut to fit the model's context (the "
+                    "rest of each is neither trained on nor captured)", cut, len(texts), max_length - 1)
     return [[*ids[: max_length - 1], eos] for ids in encoded]
 
 
@@ -817,9 +841,27 @@ def _json_lines(path: Path) -> Iterator[tuple[int, object | None, str | None]]:
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line), None
+                yield number, json.loads(line, object_pairs_hook=_object_without_repeated_keys), None
             except json.JSONDecodeError as exc:
                 yield number, None, f"invalid JSON: {exc.msg} (column {exc.colno})"
+            except _RepeatedKey as exc:
+                yield number, None, f"the key {exc.args[0]!r} appears twice in one object"
+            except (ValueError, RecursionError) as exc:  # a number of > 4300 digits; nesting too deep to parse
+                yield number, None, f"invalid JSON: {str(exc).splitlines()[0][:120]}"
+
+
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a repeated key: `{"id": 1, ..., "id": 2}` silently kept the last one."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(key)
+        out[key] = value
+    return out
 
 
 def read_corpus(path: str | os.PathLike[str]) -> Corpus:

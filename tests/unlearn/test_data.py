@@ -342,6 +342,24 @@ def test_encode_documents_truncates_and_appends_eos(tiny, tokenizer):
     assert encode_documents(tokenizer, [], 10) == []
     with pytest.raises(ValueError):
         encode_documents(tokenizer, ["hi"], 1)
+    with pytest.raises(ValueError, match="document 1 has no text to encode"):
+        encode_documents(tokenizer, ["hi", " "], 10)
+
+
+def test_encode_documents_says_how_many_documents_it_cut(tokenizer, caplog):
+    """What is cut is never trained on or captured: a user's corpus must not lose its tails silently."""
+    with caplog.at_level("WARNING", logger="gradstore_unlearn"):
+        encode_documents(tokenizer, ["a short one", "one " * 40, "two " * 40], max_length=16)
+    assert "2 of 3 documents are longer than 15 tokens and were cut" in caplog.text
+
+
+def test_docstrings_equal_after_the_cut_are_replaced_not_dropped():
+    from gradstore_unlearn.data import _select_docs
+
+    docs = _select_docs(2000, 40, 0.1)
+    assert len(docs) == 2000 and len({d.text for d in docs}) == 2000
+    with pytest.raises(ValueError, match="remain distinct when cut to 10 characters"):
+        _select_docs(2000, 10, 0.1)
 
 
 def test_tiny_preset_fits_its_sequence_length(tiny, tokenizer):
@@ -454,6 +472,10 @@ LONG_ID = "x" * (MAX_ID_BYTES + 1)
         ('{"id": "b", "text": ""}', "'text' is empty"),
         ('{"id": "b", "text": " \\n\\t "}', "'text' is empty"),
         ('{"id": "b", "text": "bad \\udc80"}', "unpaired surrogate"),
+        ('{"id": 9223372036854775808, "text": "x"}', "larger than 2**63 - 1"),
+        ('{"id": ' + "7" * 5000 + ', "text": "x"}', "invalid JSON: Exceeds the limit"),
+        ("[" * 100_000 + "]" * 100_000, "invalid JSON: maximum recursion depth"),
+        ('{"id": "a", "text": "x", "id": "b"}', "the key 'id' appears twice in one object"),
     ],
 )
 def test_read_user_jsonl_reports_each_bad_line_with_its_number(tmp_path, bad_line, problem):

@@ -731,8 +731,6 @@ class Unlearner:
                 grown += 1
             if not reached(high_result) and not too_far(high_result):
                 return high, high_result  # even a huge step does not reach the target (nothing to bisect)
-            if reached(high_result):
-                return high, high_result
         for _ in range(cfg.bisect_steps):
             mid = (low + high) / 2
             result = apply(mid)

@@ -216,7 +216,13 @@ def test_a_training_failure_is_raised_even_when_closing_the_capture_fails_too(tm
 
     model = tiny_gpt2()
     store = make_store(tmp_path, model)
-    monkeypatch.setattr(GradientCapture, "close", lambda self: (_ for _ in ()).throw(RuntimeError("close failed")))
+    real_close = GradientCapture.close
+
+    def close_then_fail(self):
+        real_close(self)
+        raise RuntimeError("close failed")
+
+    monkeypatch.setattr(GradientCapture, "close", close_then_fail)
     broken = [[1, 2, 3], [1, VOCAB + 5, 2]]  # the second batch holds a token the embedding does not have
     with pytest.raises(IndexError):
         train_model(model, broken, ["a", "b"], TrainConfig(epochs=1, batch_size=1, warmup_steps=1), store=store,

@@ -224,6 +224,8 @@ def cmd_train(args: argparse.Namespace) -> int:
            format_pairs([("model", args.out), ("store", args.store), ("steps", result.steps),
                          ("final loss", result.final_loss), ("tokens/s", round(result.tokens_per_second)),
                          ("examples captured", capture.get("examples_captured")),
+                         ("examples not finite (fp16 overflow; captured when next seen)",
+                          capture.get("examples_nonfinite")),
                          ("stall seconds", capture.get("stall_seconds"))], title="trained"))
     return 0
 

@@ -7,7 +7,8 @@ on S3 as well as locally.
 A holder that died leaves the object behind. It is broken (treated as stale) when:
 
 - its lease has expired (`acquired` older than `lease_s`), or at once when it was taken on this host by a
-  process that no longer exists;
+  process that no longer exists (a pid now held by another process, told apart by its start time, or our own
+  pid when this process does not hold the lock, as after a container restart, counts as gone);
 - it is not a valid record (not JSON, not an object, fields of the wrong type): gradstore writes the lock in
   one atomic create, so such an object is corruption or a foreign writer. It is broken once the object itself
   (its modification time) is older than the lease; until then a waiter gives up after `timeout_s` with a
@@ -44,6 +45,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from ._objects import ObjectStore
 from .errors import StoreLockedError
@@ -60,6 +62,7 @@ class _Holder:
     pid: int
     host: str
     acquired: float  # time.time() of the holder when it took the lock
+    process: str | None = None  # `_process_identity` of the holder (None: not recorded, or not Linux)
 
 
 def _parse_holder(raw: bytes) -> _Holder | str:
@@ -79,7 +82,25 @@ def _parse_holder(raw: bytes) -> _Holder | str:
         return f"host {host!r} is not a string"
     if not isinstance(acquired, (int, float)) or isinstance(acquired, bool) or not math.isfinite(acquired):
         return f"acquired {acquired!r} is not a time"
-    return _Holder(owner, pid, host, float(acquired))
+    process = doc.get("process")
+    return _Holder(owner, pid, host, float(acquired), process if isinstance(process, str) else None)
+
+
+def _process_identity(pid: int) -> str | None:
+    """Which process `pid` is, beyond its number: the boot and the process's start time (Linux /proc), so that a
+    pid reused by another process, after a restart of a container say (where the new process is often pid 1
+    again), is not taken for the holder. None where /proc does not tell."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": the comm may hold spaces
+    return f"{boot}:{fields[19]}" if len(fields) > 19 else None  # field 22 of stat: start time, in ticks
+
+
+_OWN_PROCESS = _process_identity(os.getpid())
+_HELD_HERE: set[str] = set()  # owner tokens of the locks this process holds now
 
 
 def _pid_alive(pid: int) -> bool:
@@ -100,12 +121,20 @@ def _is_stale(objects: ObjectStore, key: str, holder: _Holder | str, lease_s: fl
             return False  # gone meanwhile: the next attempt to create it decides
     if time.time() - holder.acquired > lease_s:
         return True
-    return holder.host == socket.gethostname() and not _pid_alive(holder.pid)
+    if holder.host != socket.gethostname():
+        return False
+    if holder.pid == os.getpid():
+        # Our own pid: either a lock this process holds now, or one a previous process with the same pid left
+        # (a restarted container's pid 1).
+        return holder.owner not in _HELD_HERE
+    if not _pid_alive(holder.pid):
+        return True
+    return holder.process is not None and holder.process != _process_identity(holder.pid)  # pid reused
 
 
 def _record(owner: str, acquired: float) -> bytes:
-    return json.dumps({"owner": owner, "pid": os.getpid(), "host": socket.gethostname(),
-                       "acquired": acquired}).encode()
+    return json.dumps({"owner": owner, "pid": os.getpid(), "host": socket.gethostname(), "acquired": acquired,
+                       "process": _OWN_PROCESS}).encode()
 
 
 @contextmanager
@@ -138,20 +167,27 @@ def mutation_lock(objects: ObjectStore, *, timeout_s: float = 60.0, lease_s: flo
             raise StoreLockedError(_locked_message(objects, key, holder, timeout_s, lease_s))
         time.sleep(delay)
         delay = min(delay * 2, 0.5)
-    lease = _Lease(objects, key, owner, record, renew_every_s=lease_s / 3)
+    _HELD_HERE.add(owner)
+    lease = None
     try:
+        lease = _Lease(objects, key, owner, record, renew_every_s=lease_s / 3)
         yield owner
     finally:
+        _HELD_HERE.discard(owner)
         # Compare-and-delete our own (latest) record: if our lease expired and another process broke the lock
         # and took it, the object is theirs now and stays.
-        objects.delete_if_unchanged(key, lease.stop())
+        for candidate in lease.stop() if lease is not None else [record]:
+            if objects.delete_if_unchanged(key, candidate):
+                break
 
 
 class _Lease:
-    """Renews a held lock's `acquired` from a daemon thread until `stop()`, which returns the record in place."""
+    """Renews a held lock's `acquired` from a daemon thread until `stop()`, which returns the records that may be
+    in place (one, or two after a renewal whose outcome is unknown)."""
 
     def __init__(self, objects: ObjectStore, key: str, owner: str, record: bytes, *, renew_every_s: float):
         self._objects, self._key, self._owner, self._record = objects, key, owner, record
+        self._maybe: bytes | None = None  # a renewal that may have landed (its answer was lost)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(renew_every_s,), name="gradstore-lock-lease",
                                         daemon=True)
@@ -161,23 +197,21 @@ class _Lease:
         while not self._stopped.wait(every_s):
             fresh = _record(self._owner, time.time())
             try:
-                if not self._objects.replace_if_unchanged(self._key, self._record, fresh):
+                if self._objects.replace_if_unchanged(self._key, self._record, fresh):
+                    self._record, self._maybe = fresh, None
+                elif self._maybe is not None and self._objects.replace_if_unchanged(self._key, self._maybe, fresh):
+                    self._record, self._maybe = fresh, None  # the unknown renewal had landed
+                else:
                     return  # broken (we stalled past the lease) and perhaps taken: no longer ours to renew
             except OSError:
-                # A failure of the object store. The write may still have landed (an answer lost): then the
-                # object holds `fresh`, and only that record lets the next renewal and the release recognise it.
-                try:
-                    if self._objects.read(self._key) == fresh:
-                        self._record = fresh
-                except OSError:
-                    pass
-                continue  # the next renewal is early enough
-            self._record = fresh
+                # A failure of the object store; the write may still have landed. Both records stay candidates
+                # until a later renewal or the release tells which one is there.
+                self._maybe = fresh
 
-    def stop(self) -> bytes:
+    def stop(self) -> list[bytes]:
         self._stopped.set()
-        self._thread.join()  # at most one renewal in flight: afterwards the record cannot change
-        return self._record
+        self._thread.join()  # at most one renewal in flight: afterwards the records cannot change
+        return [self._record] + ([self._maybe] if self._maybe is not None else [])
 
 
 def _locked_message(objects: ObjectStore, key: str, holder: _Holder | str | None, timeout_s: float,

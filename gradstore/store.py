@@ -483,6 +483,15 @@ class GradStore:
         key = normalize_id(example_id)
         return not self._contains_live(key) and self._objects.exists(f"{TOMBSTONES}/{self.id_hash(key)}.json")
 
+    def tombstone(self, id_hash: str) -> dict[str, Any] | None:
+        """The tombstone of an erased ID, by its salted hash (`id_hash`): {hash, erased_at, receipt}, or None."""
+        if not re.fullmatch(r"[0-9a-f]{1,128}", id_hash or ""):
+            raise InvalidInputError(f"not an ID hash: {id_hash!r}")
+        try:
+            return json.loads(self._objects.read(f"{TOMBSTONES}/{id_hash}.json"))
+        except FileNotFoundError:
+            return None
+
     # ------------------------------------------------------------------------------------------- mutations
     def _check_writable(self) -> None:
         if self.read_only:

@@ -94,12 +94,13 @@ class _PublishingUnlearner(Unlearner):
     public hook in the library, e.g. a commit context manager passed to `forget`, would be cleaner.)
     """
 
-    def __init__(self, *args: Any, commit_hook: Callable[[Callable[[], None], ForgetReport], None], **kwargs: Any):
+    def __init__(self, *args: Any,
+                 commit_hook: Callable[[Callable[[], None], ForgetReport, torch.nn.Module], None], **kwargs: Any):
         self._commit_hook = commit_hook
         super().__init__(*args, **kwargs)
 
     def _commit(self, ids: list[Any], report: ForgetReport) -> None:
-        self._commit_hook(functools.partial(Unlearner._commit, self, ids, report), report)
+        self._commit_hook(functools.partial(Unlearner._commit, self, ids, report), report, self.model)
 
 
 class Engine:
@@ -340,9 +341,13 @@ class Engine:
             self.check_request_id(request_id, ids)
             return self._writer.forget(list(ids), mode=mode, request_id=request_id)
 
-    def _commit_and_publish(self, commit: Callable[[], None], report: ForgetReport) -> None:
-        """Save + erase + audit (the library's commit) and publish the new weights, as one write section."""
-        candidate = copy.deepcopy(self._writer.model)  # outside the write section: readers keep going
+    def _commit_and_publish(self, commit: Callable[[], None], report: ForgetReport, model: torch.nn.Module
+                            ) -> None:
+        """Save + erase + audit (the library's commit) and publish the new weights, as one write section.
+
+        `model`: the committing writer's (not `self._writer`'s: after a restart in one process, a runner left
+        busy by the previous stop commits with its own writer)."""
+        candidate = copy.deepcopy(model)  # outside the write section: readers keep going
         candidate.eval()
         # Built before the commit, so that nothing that can fail stands between the weights on disk changing
         # and readers being served them (only the writer's thread replaces snapshots: the version is stable).

@@ -122,9 +122,13 @@ class JobManager:
     def start(self) -> list[str]:
         """Settle the journal (see the module docstring), then start the runner. Returns re-queued job ids.
 
-        Idempotent (see `Engine.start`): a second call returns []."""
+        Idempotent (see `Engine.start`): a second call returns []. After a `stop` that left the runner busy
+        (its join timed out), it first waits for that runner's job to end: that runner stops after it."""
         if self._thread is not None:
-            return []
+            if not self._stopping.is_set():
+                return []
+            self._thread.join()
+            self._reset()
         records = []
         for name in self.objects.list_dir(JOBS):
             if name.endswith(".json") and JOB_ID.fullmatch(name[: -len(".json")]):
@@ -183,6 +187,9 @@ class JobManager:
             log.warning("the forget runner is still busy after %.0f s; its job is recovered at the next "
                         "start", timeout)
             return
+        self._reset()
+
+    def _reset(self) -> None:
         # Ready to start again (an application whose lifespan runs twice): `start` re-reads the journal, which
         # holds every job that was still queued here.
         self._thread = None

@@ -43,7 +43,7 @@ import numbers
 import os
 import random
 import re
-import tempfile
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -253,33 +253,77 @@ def model_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+STAGING_PREFIX = ".saving-"  # <model dir>/.saving-<hex>/: new weights, written before they are renamed into place
+
+
 def save_weights_atomically(model: Any, model_dir: str | os.PathLike[str],
-                            on_staged: Callable[[dict[str, str]], None] | None = None) -> None:
+                            on_staged: Callable[[dict[str, str], str], None] | None = None) -> None:
     """Replace the weights in `model_dir`, each file in one rename: a crash leaves the old or the new weights.
 
-    The files are written and fsynced beside their final names first; `on_staged` then receives their sha256
-    digests ({file name: hex}) before any is renamed into place, so that a journal can say which weights a
-    request saved (see `weights_on_disk`). Sharded weights move their index last.
+    The files are written and fsynced into a staging folder beside their final names first; `on_staged` then
+    receives their sha256 digests ({file name: hex}) and the folder's name before any is renamed into place,
+    so that a journal can say which weights a request saved and finish the renames after a crash between two
+    of them (sharded weights; see `install_staged_weights`). Weight files the new set does not name (an old
+    `pytorch_model.bin`, shards of another count) are deleted after it: they hold the weights from before.
     """
     directory = Path(model_dir)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as tmp:
+    staging = directory / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+    staging.mkdir()
+    try:
         with quiet_transformers():
-            model.save_pretrained(tmp, safe_serialization=True)
-        names = sorted(n for n in os.listdir(tmp) if n.endswith((".safetensors", ".safetensors.index.json")))
+            model.save_pretrained(staging, safe_serialization=True)
+        names = sorted(n for n in os.listdir(staging) if n.endswith((".safetensors", ".safetensors.index.json")))
         digests = {}
         for name in names:
-            with open(Path(tmp) / name, "rb") as f:
+            with open(staging / name, "rb") as f:
                 os.fsync(f.fileno())
-            digests[name] = _file_sha256(Path(tmp) / name)
-        if on_staged is not None:
-            on_staged(digests)
-        for name in sorted(names, key=lambda n: n.endswith(".json")):  # shards before the index naming them
-            os.replace(Path(tmp) / name, directory / name)
+            digests[name] = _file_sha256(staging / name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing was renamed: the old weights are whole
+        raise
+    if on_staged is not None:
+        try:
+            on_staged(digests, staging.name)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    install_staged_weights(directory, staging.name, digests)
+
+
+def install_staged_weights(model_dir: str | os.PathLike[str], staging_name: str, digests: dict[str, str]) -> bool:
+    """Rename the staged files whose final copy is not yet in place (shards before the index naming them),
+    delete weight files the new set does not name, drop the staging folder. Safe to repeat after a crash.
+
+    Returns False, changing nothing, if a file is neither in place nor staged with its digest.
+    """
+    directory = Path(model_dir)
+    staging = directory / staging_name
+    pending = []
+    for name, digest in digests.items():
+        if _sha256_or_none(directory / name) == digest:
+            continue
+        if _sha256_or_none(staging / name) != digest:
+            return False
+        pending.append(name)
+    for name in sorted(pending, key=lambda n: n.endswith(".json")):
+        os.replace(staging / name, directory / name)
+    for name in os.listdir(directory):
+        if name.endswith(WEIGHT_SUFFIXES) and name not in digests and (directory / name).is_file():
+            (directory / name).unlink()
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+    shutil.rmtree(staging, ignore_errors=True)
+    return True
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    try:
+        return _file_sha256(path)
+    except FileNotFoundError:
+        return None
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
@@ -334,7 +378,10 @@ class Unlearner:
     model: the trained causal LM (modified in place). store: the `GradStore` its training captured into.
     holdout: token sequences the model never saw (default: the store's reference set). retain: token
     sequences of kept examples for the guard (default: a sample of the store's other examples).
-    model_dir: where the model lives on disk; with it, every successful request saves the weights atomically.
+    model_dir: where the model lives on disk (a saved model: config.json and weights); with it, every successful
+    request saves the weights atomically. Construct the engine right after loading the model from there: the
+    weights found there at construction are taken for the model's own, and a commit over weights another
+    process saved since then is refused (it would undo that process's forget).
     """
 
     def __init__(self, model: torch.nn.Module, store: GradStore, *, tokenizer: Any = None,
@@ -347,6 +394,12 @@ class Unlearner:
         self.config = config or ForgetConfig()
         self.config.validate()
         self.model_dir = Path(model_dir) if model_dir is not None else None
+        if self.model_dir is not None and not (self.model_dir / "config.json").is_file():
+            # Only the weights are replaced at each commit: a directory without the model's config would
+            # become one that nothing can load (and weights saved there later would look like another
+            # process's commit).
+            raise InvalidInputError(f"model_dir {self.model_dir} holds no saved model (no config.json): save the "
+                                    "model there first (save_pretrained), then construct the Unlearner")
         embedding = model.get_input_embeddings()
         if embedding.weight.shape[1] != store.dim or embedding.weight.shape[0] > store.vocab_size:
             raise InvalidInputError(
@@ -868,7 +921,9 @@ class Unlearner:
         keys = [k for i in ids for k in self._all_keys(i)]
         entry = {"format": 2, "request_id": report.request_id, "keys": [self.store.id_hash(k) for k in keys],
                  "report": self._persisted(report), "model_hash_before": report.model_hash_before,
-                 "model_hash_after": report.model_hash_after, "audit_name": self.store.audit_name()}
+                 "model_hash_after": report.model_hash_after, "audit_name": self.store.audit_name(),
+                 # Which weights the entry is about: an engine on another directory (or none) leaves it alone.
+                 "model_dir": str(self.model_dir.resolve()) if self.model_dir is not None else None}
         journal_key = f"{FORGET_JOURNAL}/{report.request_id}.json"
         with self.store.lock(COMMIT_LOCK, timeout_s=COMMIT_LOCK_TIMEOUT_S):
             if self.model_dir is not None and weights_fingerprint(self.model_dir) != self._weights_seen:
@@ -877,11 +932,20 @@ class Unlearner:
                                   "model again and repeat the request")
             objects.write(journal_key, json.dumps(entry).encode())
             if self.model_dir is not None:
-                def journal_weights(digests: dict[str, str]) -> None:
-                    entry["weights"] = digests
+                def journal_weights(digests: dict[str, str], staging: str) -> None:
+                    entry["weights"], entry["staging"] = digests, staging
                     objects.write(journal_key, json.dumps(entry).encode())
 
-                save_weights_atomically(self.model, self.model_dir, on_staged=journal_weights)
+                try:
+                    save_weights_atomically(self.model, self.model_dir, on_staged=journal_weights)
+                except Exception:
+                    # A failure after some renames (an fsync, a later shard): if the new weights are (or can be
+                    # made) whole on disk, they are the state the request left, in memory as on disk. (An
+                    # interrupt is left to recovery, as a crash is.)
+                    if "weights" in entry and self._weights_whole_after_failure(entry):
+                        self._installed = report.request_id
+                        self._weights_seen = weights_fingerprint(self.model_dir)
+                    raise
                 self._weights_seen = weights_fingerprint(self.model_dir)
             self._installed = report.request_id  # from here on the after-state is what a recovery finishes
             self._finish(entry, keys)
@@ -917,6 +981,10 @@ class Unlearner:
             # Kept in the entry at once: a replay after a crash from here on finds nothing left to erase, and
             # the receipt must still reach the audit record and the request's report.
             objects.write(journal_key, json.dumps(entry).encode())
+        elif not entry["report"].get("erasure_receipt") and entry["keys"]:
+            # Erased before a crash that came before the receipt was journaled: the tombstones keep it.
+            tombstone = self.store.tombstone(entry["keys"][0])
+            entry["report"]["erasure_receipt"] = tombstone.get("receipt") if tombstone else None
         audit = {"kind": "forget", "request_id": entry["request_id"], "time": time.time(),
                  "id_hashes": entry["report"]["ids"], "model_hash_before": entry["model_hash_before"],
                  "model_hash_after": entry["model_hash_after"], "scale": entry["report"].get("scale"),
@@ -963,17 +1031,27 @@ class Unlearner:
                 entry = json.loads(objects.read(f"{FORGET_JOURNAL}/{name}"))
             except FileNotFoundError:
                 continue
-            if self._took_effect(entry):
+            took_effect = self._took_effect(entry)
+            if took_effect is None:
+                log.warning("request %s was interrupted while committing to %s; an engine on that model "
+                            "directory finishes it", entry["request_id"], entry.get("model_dir"))
+            elif took_effect:
                 self._finish(entry, None)
                 finished.append(entry["request_id"])
             else:
                 objects.delete(f"{FORGET_JOURNAL}/{name}")  # the weights never changed: nothing happened
         return finished
 
-    def _took_effect(self, entry: dict[str, Any]) -> bool:
+    def _took_effect(self, entry: dict[str, Any]) -> bool | None:
+        """Whether the entry's request took effect; None if this engine cannot tell (the entry is about the
+        weights in another model directory, or in one this engine has none of): it is then left for one that can.
+        """
+        journaled_dir = entry.get("model_dir")
+        if journaled_dir is not None and (self.model_dir is None or str(self.model_dir.resolve()) != journaled_dir):
+            return None
         if self.model_dir is not None and entry.get("format", 1) >= 2:
             # No digests: the crash came before the new weights were staged, so none was renamed into place.
-            return "weights" in entry and weights_on_disk(self.model_dir, entry["weights"])
+            return "weights" in entry and self._install_journaled_weights(entry)
         current = model_hash(self.model)
         if current == entry["model_hash_after"]:
             return True
@@ -982,6 +1060,35 @@ class Unlearner:
         # An entry from before the weights' digests were journaled, on a model in neither state: refuse to guess.
         raise ForgetError(f"request {entry['request_id']} was interrupted and the model matches neither its "
                           "before- nor its after-state; restore the model before continuing")
+
+    def _weights_whole_after_failure(self, entry: dict[str, Any]) -> bool:
+        try:
+            return self._install_journaled_weights(entry)
+        except Exception:  # the failure may well repeat here: judge by what is on disk
+            return weights_on_disk(self.model_dir, entry["weights"])
+
+    def _install_journaled_weights(self, entry: dict[str, Any]) -> bool:
+        """Whether the entry's weights are in place, after finishing their renames if a crash came between two.
+
+        None renamed yet: the old weights are whole, so the request did not take effect (False). Some renamed:
+        the rest are renamed from the staging folder (True), or, if that is gone, `ForgetError`: the directory
+        holds a mix of both states, which nothing here can undo.
+        """
+        assert self.model_dir is not None
+        digests = entry["weights"]
+        on_disk = {name: _sha256_or_none(self.model_dir / name) == digest for name, digest in digests.items()}
+        staging = entry.get("staging")
+        if not any(on_disk.values()):
+            if staging:
+                shutil.rmtree(self.model_dir / staging, ignore_errors=True)
+            return False
+        if all(on_disk.values()) and not staging:
+            return True
+        if install_staged_weights(self.model_dir, staging or "", digests):
+            return True
+        raise ForgetError(f"request {entry['request_id']}: the weights in {self.model_dir} are partly its new "
+                          "ones and partly the old ones, and the staged rest is gone; restore the model directory "
+                          "from a copy before continuing")
 
     # ------------------------------------------------------------------------------ fuzzy matching
     def _encode(self, text: str) -> list[int]:

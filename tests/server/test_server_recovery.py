@@ -367,3 +367,50 @@ def test_a_pending_job_whose_request_id_the_command_line_completed_fails(workspa
         job = wait_job(client, record["job_id"])
         assert job["status"] == "failed" and job["error"]["code"] == "request_id_conflict"
         assert client.get("/v1/examples/24").status_code == 200
+
+
+def test_a_start_after_a_stop_that_left_the_runner_busy_runs_later_jobs(tmp_path):
+    """stop() gives up waiting for a long job; a second start() in the same process waits for that job, then
+    runs a new runner (the busy one stops after its job)."""
+    import json
+    import threading
+    import time
+    import uuid
+    from types import SimpleNamespace
+
+    from gradstore._objects import LocalObjects
+    from gradstore_server.jobs import JobManager
+
+    objects = LocalObjects(tmp_path / "store")
+    release = threading.Event()
+
+    class SlowEngine:
+        degraded = None
+        store = SimpleNamespace(objects=objects)
+
+        def forget(self, ids, mode, request_id):
+            if request_id == "slow":
+                release.wait(10)
+            return unlearn.ForgetReport(request_id, "forgotten", mode, ids=list(ids))
+
+    def queued(request_id):
+        job_id = uuid.uuid4().hex
+        objects.write(f"jobs/{job_id}.json", json.dumps({
+            "job_id": job_id, "request_id": request_id, "kind": "forget", "status": "queued",
+            "mode": "first_epoch", "pending_ids": ["x"], "submitted_at": time.time()}).encode())
+        return job_id
+
+    manager = JobManager(SlowEngine(), SimpleNamespace(job_max_attempts=3))
+    slow = queued("slow")
+    manager.start()
+    time.sleep(0.2)
+    manager.stop(timeout=0.1)  # the lifespan ends while the job runs
+    threading.Timer(0.3, release.set).start()
+    manager.start()  # the lifespan starts again: waits for the busy job
+    later = queued("later")
+    manager._enqueue(later)
+    deadline = time.monotonic() + 10
+    while manager.load(later)["status"] != "completed" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert manager.load(slow)["status"] == "completed" and manager.load(later)["status"] == "completed"
+    manager.stop()

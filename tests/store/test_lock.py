@@ -239,3 +239,57 @@ def test_an_audit_record_appended_twice_under_one_name_is_kept_once(tmp_path):
     assert store.audit_log() == [{"n": 1}]
     with pytest.raises(InvalidInputError, match="not an audit record name"):
         store.append_audit({"n": 3}, name="../gradstore")
+
+
+def test_a_lock_left_by_an_earlier_process_with_our_pid_is_broken_at_once(objects):
+    """After a container restart the new process often has the dead holder's pid (1) and hostname."""
+    import socket
+
+    left = json.dumps({"owner": "before-the-restart", "pid": os.getpid(), "host": socket.gethostname(),
+                       "acquired": time.time()}).encode()
+    objects.write(LOCK_KEY, left)
+    with mutation_lock(objects, timeout_s=0.5) as owner:
+        assert json.loads(objects.read(LOCK_KEY))["owner"] == owner
+
+
+def test_a_live_pid_that_another_process_now_holds_is_not_the_holder(objects):
+    import socket
+
+    from gradstore._lock import _process_identity
+
+    if _process_identity(1) is None:
+        pytest.skip("no /proc to tell processes apart")
+    reused = json.dumps({"owner": "old", "pid": 1, "host": socket.gethostname(), "acquired": time.time(),
+                         "process": "another-boot:1"}).encode()
+    objects.write(LOCK_KEY, reused)
+    with mutation_lock(objects, timeout_s=0.5):
+        pass
+    alive = json.dumps({"owner": "init", "pid": 1, "host": socket.gethostname(), "acquired": time.time(),
+                        "process": _process_identity(1)}).encode()
+    objects.write(LOCK_KEY, alive)
+    with pytest.raises(StoreLockedError), mutation_lock(objects, timeout_s=0.2):
+        pass
+
+
+def test_a_renewal_whose_answer_was_lost_is_still_released(tmp_path):
+    class LostAnswer(LocalObjects):
+        lost = 0
+
+        def replace_if_unchanged(self, key, expected, data):
+            done = super().replace_if_unchanged(key, expected, data)
+            if done and not self.lost:
+                self.lost += 1
+                raise OSError("connection reset")  # the write landed; the answer did not
+            return done
+
+        def read(self, key):
+            if key == LOCK_KEY and self.lost == 1:
+                raise OSError("still unreachable")  # nor can the holder read back what is there
+            return super().read(key)
+
+    objects = LostAnswer(tmp_path / "store")
+    with mutation_lock(objects, timeout_s=1, lease_s=0.3):
+        time.sleep(0.15)  # one renewal: landed, answer lost
+        objects.lost = 2  # reachable again
+        time.sleep(0.3)  # later renewals recognise the one that landed and renew from it
+    assert not objects.exists(LOCK_KEY)

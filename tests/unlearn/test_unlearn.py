@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 
 import pytest
@@ -667,3 +668,108 @@ def test_a_commit_over_weights_another_engine_saved_is_refused(world, tmp_path):
     assert not world.store.objects.list_dir("forget-journal")
     reloaded = restart(world, model_dir)  # an engine that read the new weights commits
     assert reloaded.forget(["r1"], mode="iterative").status == "forgotten"
+
+
+def test_a_crash_between_two_shards_is_rolled_forward(world, tmp_path, monkeypatch):
+    """Sharded weights are renamed one file at a time: a crash between two leaves a mix, which recovery
+    completes from the staging folder (the journal names it and every file's digest)."""
+    import functools
+
+    import gradstore_unlearn.unlearn as engine
+
+    model_dir = saved(world, tmp_path)
+    unlearner = Unlearner(world.model, world.store, model_dir=model_dir, config=LENIENT)
+    monkeypatch.setattr(world.model, "save_pretrained",
+                        functools.partial(world.model.save_pretrained, max_shard_size="20KB"))
+    renames = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if ".saving-" in str(src):
+            renames.append(dst)
+            if len(renames) == 2:
+                raise Crash
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(engine.os, "replace", replace)
+    with pytest.raises(Crash):
+        unlearner.forget(["r1"], mode="iterative", request_id="S")
+    monkeypatch.undo()
+    entry = json.loads(world.store.objects.read("forget-journal/S.json"))
+    assert len(entry["weights"]) > 2 and (model_dir / entry["staging"]).is_dir()
+    again = restart(world, model_dir)
+    assert again.store.is_erased("r1") and not any(p.name.startswith(".saving-") for p in model_dir.iterdir())
+    assert model_hash(restart(world, model_dir).model) == entry["model_hash_after"]
+    assert not (model_dir / "model.safetensors").exists()  # the unsharded file from before: deleted
+
+
+def test_weight_files_the_new_weights_do_not_name_are_deleted(world, tmp_path):
+    """An old `pytorch_model.bin` beside the new weights still holds what the request erased."""
+    model_dir = saved(world, tmp_path)
+    torch.save(world.model.state_dict(), model_dir / "pytorch_model.bin")
+    unlearner = Unlearner(world.model, world.store, model_dir=model_dir, config=LENIENT)
+    assert unlearner.forget(["r1"], mode="iterative").status == "forgotten"
+    assert sorted(p.name for p in model_dir.iterdir() if p.name.endswith((".bin", ".safetensors"))) == [
+        "model.safetensors"]
+
+
+def test_a_failure_after_the_rename_keeps_the_after_state_in_memory(world, tmp_path, monkeypatch):
+    import gradstore_unlearn.unlearn as engine
+
+    model_dir = saved(world, tmp_path)
+    unlearner = Unlearner(world.model, world.store, model_dir=model_dir, config=LENIENT)
+    real_rmtree = engine.shutil.rmtree
+    failed = []
+
+    def rmtree(path, *args, **kwargs):
+        if ".saving-" in str(path) and not failed:
+            failed.append(path)
+            raise OSError(5, "Input/output error")  # cleaning up the staging folder, after every rename
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(engine.shutil, "rmtree", rmtree)
+    with pytest.raises(OSError):
+        unlearner.forget(["r1"], mode="iterative", request_id="T")
+    monkeypatch.undo()
+    after = model_hash(world.model)
+    assert model_hash(restart(world, model_dir).model) == after  # memory and disk agree: the after-state
+    report = unlearner.forget(["r1"], mode="iterative", request_id="T")  # finished, not calibrated again
+    assert report.status == "forgotten" and model_hash(world.model) == after
+    assert GradStore.open(world.store.uri).is_erased("r1")
+
+
+def test_an_engine_without_the_model_directory_leaves_its_entries_alone(world, tmp_path, monkeypatch):
+    model_dir = saved(world, tmp_path)
+    unlearner = Unlearner(world.model, world.store, model_dir=model_dir, config=LENIENT)
+    with monkeypatch.context() as patch:
+        patch.setattr(world.store, "erase", lambda *a, **k: (_ for _ in ()).throw(Crash()))
+        with pytest.raises(Crash):
+            unlearner.forget(["r1"], mode="iterative", request_id="U")
+    Unlearner(copy.deepcopy(world.model), GradStore.open(world.store.uri))  # e.g. an influence query
+    assert world.store.objects.list_dir("forget-journal") == ["U.json"]
+    assert restart(world, model_dir).store.is_erased("r1")
+
+
+def test_a_crash_right_after_the_erasure_keeps_its_receipt(world, tmp_path, monkeypatch):
+    model_dir = saved(world, tmp_path)
+    unlearner = Unlearner(world.model, world.store, model_dir=model_dir, config=LENIENT)
+    objects = world.store.objects
+    real_write = objects.write
+
+    def write(key, data):
+        if key.startswith("forget-journal/") and json.loads(data)["report"].get("erasure_receipt"):
+            raise Crash  # the erasure returned; its receipt never reached the journal
+        return real_write(key, data)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(objects, "write", write)
+        with pytest.raises(Crash):
+            unlearner.forget(["r1"], mode="iterative", request_id="V")
+    again = restart(world, model_dir)
+    receipt = again.store.tombstone(again.store.id_hash("r1"))["receipt"]
+    assert [r["erasure_receipt"] for r in again.store.audit_log() if r["request_id"] == "V"] == [receipt]
+
+
+def test_a_model_directory_without_a_saved_model_is_refused(world, tmp_path):
+    with pytest.raises(InvalidInputError, match="holds no saved model"):
+        Unlearner(world.model, world.store, model_dir=tmp_path)

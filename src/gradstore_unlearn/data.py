@@ -758,11 +758,13 @@ def check_canary_tokenization(tokenizer: PreTrainedTokenizerFast, documents: Ite
 
 
 def encode_documents(
-    tokenizer: PreTrainedTokenizerFast, documents: Iterable[Document | str], max_length: int
+    tokenizer: PreTrainedTokenizerFast, documents: Iterable[Document | str], max_length: int, *,
+    report_cuts: bool = True,
 ) -> list[list[int]]:
     """Token IDs per document: the text's tokens cut to ``max_length - 1``, then eos.
 
-    Every sequence ends in eos and has at most ``max_length`` tokens.
+    Every sequence ends in eos and has at most ``max_length`` tokens. How many documents were cut is logged
+    as a warning unless ``report_cuts`` is False (a corpus built to be cut, like the demo's).
     """
     if max_length < 2:
         raise ValueError("max_length must be at least 2 (one token and the eos)")
@@ -778,7 +780,7 @@ def encode_documents(
                          + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""))
     encoded = tokenizer(texts, add_special_tokens=False).input_ids
     cut = sum(len(ids) > max_length - 1 for ids in encoded)
-    if cut:
+    if cut and report_cuts:
         # Not silent: what is cut is never trained on or captured, so it cannot be forgotten or explained.
         log.warning("%d of %d documents are longer than %d tokens and were cut to fit the model's context (the "
                     "rest of each is neither trained on nor captured)", cut, len(texts), max_length - 1)

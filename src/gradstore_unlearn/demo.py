@@ -65,7 +65,8 @@ class DemoData:
     forget_docs: list[data.Document]  # forgotten by ID, then the last one by text
 
     def encode(self, docs: list[data.Document]) -> list[list[int]]:
-        return data.encode_documents(self.tokenizer, docs, self.max_tokens)
+        # Quietly: the demo's long docstrings are cut to the context by design (every record fits whole: tested).
+        return data.encode_documents(self.tokenizer, docs, self.max_tokens, report_cuts=False)
 
     def evaluate(self, model: torch.nn.Module, reference: torch.nn.Module | None = None) -> EvaluationReport:
         """The demo's evaluation: forgotten records (all of `forget_docs`) against the judging holdout half,

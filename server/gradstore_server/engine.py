@@ -95,12 +95,12 @@ class _PublishingUnlearner(Unlearner):
     """
 
     def __init__(self, *args: Any,
-                 commit_hook: Callable[[Callable[[], None], ForgetReport, torch.nn.Module], None], **kwargs: Any):
+                 commit_hook: Callable[[Callable[[], None], ForgetReport, Unlearner], None], **kwargs: Any):
         self._commit_hook = commit_hook
         super().__init__(*args, **kwargs)
 
     def _commit(self, ids: list[Any], report: ForgetReport) -> None:
-        self._commit_hook(functools.partial(Unlearner._commit, self, ids, report), report, self.model)
+        self._commit_hook(functools.partial(Unlearner._commit, self, ids, report), report, self)
 
 
 class Engine:
@@ -341,19 +341,19 @@ class Engine:
             self.check_request_id(request_id, ids)
             return self._writer.forget(list(ids), mode=mode, request_id=request_id)
 
-    def _commit_and_publish(self, commit: Callable[[], None], report: ForgetReport, model: torch.nn.Module
-                            ) -> None:
+    def _commit_and_publish(self, commit: Callable[[], None], report: ForgetReport, writer: Unlearner) -> None:
         """Save + erase + audit (the library's commit) and publish the new weights, as one write section.
 
-        `model`: the committing writer's (not `self._writer`'s: after a restart in one process, a runner left
-        busy by the previous stop commits with its own writer)."""
-        candidate = copy.deepcopy(model)  # outside the write section: readers keep going
+        `writer`: the committing one (not `self._writer`: after a restart in one process, a runner left busy by
+        the previous stop commits with its own). Its commit lock is taken before the write section, so that
+        waiting for another process's commit or recovery never holds the readers."""
+        candidate = copy.deepcopy(writer.model)  # outside the write section: readers keep going
         candidate.eval()
         # Built before the commit, so that nothing that can fail stands between the weights on disk changing
         # and readers being served them (only the writer's thread replaces snapshots: the version is stable).
         snapshot = self._new_snapshot(candidate, report.model_hash_after or model_hash(candidate),
                                       self._snapshot.version + 1)
-        with self._rw.write():
+        with writer.commit_lock(), self._rw.write():
             self._check_writable()  # the calibration took a while: look at the weights on disk again
             try:
                 commit()

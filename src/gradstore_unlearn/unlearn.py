@@ -35,6 +35,7 @@ guard (benchmarks/repair_effect.py): with repair the forgotten records' loss sto
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -46,7 +47,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -422,6 +423,7 @@ class Unlearner:
         self._doc_freq: torch.Tensor | None = None
         self._index: ShingleIndex | None = None
         self._installed: str | None = None  # the last request whose after-state this process saved (or holds)
+        self._commit_lock_depth = 0  # > 0 while `commit_lock()` holds the store's commit lock
         # The weights on disk as this engine found them (or last saved them): a commit over weights another
         # process has saved since would undo that process's forget.
         self._weights_seen = weights_fingerprint(self.model_dir) if self.model_dir is not None else None
@@ -925,7 +927,7 @@ class Unlearner:
                  # Which weights the entry is about: an engine on another directory (or none) leaves it alone.
                  "model_dir": str(self.model_dir.resolve()) if self.model_dir is not None else None}
         journal_key = f"{FORGET_JOURNAL}/{report.request_id}.json"
-        with self.store.lock(COMMIT_LOCK, timeout_s=COMMIT_LOCK_TIMEOUT_S):
+        with self.commit_lock():
             if self.model_dir is not None and weights_fingerprint(self.model_dir) != self._weights_seen:
                 raise ForgetError(f"the weights in {self.model_dir} were replaced since this engine read them "
                                   "(another process committed a forget?): committing would undo that; load the "
@@ -950,6 +952,24 @@ class Unlearner:
             self._installed = report.request_id  # from here on the after-state is what a recovery finishes
             self._finish(entry, keys)
         report.erasure_receipt = entry["report"].get("erasure_receipt")
+
+    @contextlib.contextmanager
+    def commit_lock(self) -> Iterator[None]:
+        """Hold the store's `forget-commit` lock for the block; a commit inside it does not take it again.
+
+        For callers that wait for the lock before a section of their own: a server that stops its readers while
+        a commit publishes takes this first, so that its readers are not held while it waits for another
+        process's commit. Raises `StoreLockedError` after `COMMIT_LOCK_TIMEOUT_S`.
+        """
+        if self._commit_lock_depth:
+            yield
+            return
+        with self.store.lock(COMMIT_LOCK, timeout_s=COMMIT_LOCK_TIMEOUT_S):
+            self._commit_lock_depth += 1
+            try:
+                yield
+            finally:
+                self._commit_lock_depth -= 1
 
     def _all_keys(self, example_id: Any) -> list[Any]:
         """The example's first-epoch record and any later-epoch records (capture policy `all`)."""

@@ -414,3 +414,42 @@ def test_a_start_after_a_stop_that_left_the_runner_busy_runs_later_jobs(tmp_path
         time.sleep(0.05)
     assert manager.load(slow)["status"] == "completed" and manager.load(later)["status"] == "completed"
     manager.stop()
+
+
+def test_readers_are_served_while_a_commit_waits_for_another_process(workspace, monkeypatch):
+    """Another process holds the store's commit lock (its own commit or recovery): the server's forget waits
+    for it before stopping its readers, not after."""
+    import contextlib
+    import threading
+
+    waiting = threading.Event()
+    real_commit_lock = Unlearner.commit_lock
+
+    @contextlib.contextmanager
+    def commit_lock(self):
+        waiting.set()
+        with real_commit_lock(self):
+            yield
+
+    monkeypatch.setattr(Unlearner, "commit_lock", commit_lock)
+    with serve(workspace) as client:
+        other = GradStore.open(workspace.store)
+        holding, release = threading.Event(), threading.Event()
+
+        def other_process_commits():
+            with other.lock("forget-commit"):
+                holding.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=other_process_commits)
+        holder.start()
+        holding.wait(5)
+        job_id = client.post("/v1/forget", json={"ids": [12]}).json()["job_id"]
+        assert waiting.wait(30)
+        time.sleep(0.3)  # the commit is waiting for the lock now
+        threading.Timer(10, release.set).start()  # (so that a server that blocked its readers still ends)
+        started = time.monotonic()
+        assert client.get("/v1/examples/13").status_code == 200 and time.monotonic() - started < 5
+        release.set()
+        holder.join(10)
+        assert wait_job(client, job_id)["status"] == "completed"

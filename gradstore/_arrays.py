@@ -26,6 +26,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import google_crc32c
 import numpy as np
@@ -40,6 +41,17 @@ from .errors import FormatError
 _MISSING = np.uint64(2**64 - 1)  # sharding index entry of a chunk that was never written (all fill value)
 _CODEC_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gradstore-codec")
 _COALESCE_GAP = 1 << 16  # read two chunks with one request if at most 64 KiB lie between them
+
+
+def _parallel_map(function: Any, items: list[Any]) -> list[Any]:
+    """`function` over `items` on the codec pool, or in this thread once the interpreter is shutting down: a
+    commit run at exit (a capture that was never closed) comes after the pools stop taking work."""
+    try:
+        return list(_CODEC_POOL.map(function, items))
+    except RuntimeError as err:
+        if "interpreter shutdown" not in str(err):
+            raise
+        return [function(item) for item in items]
 
 
 class UnsupportedLayout(Exception):
@@ -292,7 +304,7 @@ class ChunkedArrayReader:
         # Threads pay off for remote objects and for long local reads; for the one or two ranged reads of a
         # random lookup on a local disk they cost more than they save (see GradStore._read).
         if len(reads) > 1 and (not self.objects.is_local or len(reads) >= 8):
-            results = [r for batch in _CODEC_POOL.map(fetch, reads) for r in batch]
+            results = [r for batch in _parallel_map(fetch, reads) for r in batch]
         else:
             results = [r for read in reads for r in fetch(read)]
         decoded = dict(results)
@@ -372,7 +384,7 @@ def _encode_shard(values: np.ndarray, chunk_rows: int, shard_rows: int, encode: 
         if len(block) < chunk_rows:  # an edge chunk is stored at full size, padded with the fill value
             block = np.concatenate([block, np.zeros((chunk_rows - len(block), *values.shape[1:]), values.dtype)])
         chunks.append(block)
-    encoded = list(_CODEC_POOL.map(encode, chunks)) if len(chunks) > 2 else [encode(c) for c in chunks]
+    encoded = _parallel_map(encode, chunks) if len(chunks) > 2 else [encode(c) for c in chunks]
     index = np.full((shard_rows // chunk_rows, 2), _MISSING, dtype="<u8")
     offset = 0
     for c, data in enumerate(encoded):

@@ -68,6 +68,11 @@ POLICIES = ("first", "all", "off")
 IGNORE_INDEX = -100
 
 
+def _inside_backward() -> bool:
+    """Whether autograd is running a backward pass on this thread now (a recompute of checkpointing)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def epoch_record_id(example_id: int | str, epoch: int) -> int | str:
     """Store key of an example's record for a later epoch under the `all` policy (epoch 0 keeps the plain ID)."""
     return example_id if epoch == 0 else f"{example_id}@epoch{epoch}"
@@ -225,6 +230,7 @@ class GradientCapture:
         self._error: BaseException | None = None
         self._copy_stream = None
         self._closed = False
+        self._block_steps: list[_Step] = []  # the steps the current `batch()` block's forwards set up
         self._finalizer: weakref.finalize | None = None
         self._warned_twice_differentiated = False
         self._warned_no_logits = False
@@ -262,7 +268,7 @@ class GradientCapture:
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        self.close()
+        self.close(failed=exc_type is not None)
 
     def start(self) -> None:
         """Install the hooks and start the background writer.
@@ -298,11 +304,13 @@ class GradientCapture:
         self._finalizer = weakref.finalize(self, _commit_at_exit, self._queue, self._threads,
                                            self._all_writers())
 
-    def close(self) -> CaptureReport:
+    def close(self, *, failed: bool = False) -> CaptureReport:
         """Remove the hooks, wait for the writer to finish, commit everything. Re-raises a writer failure.
 
         Every writer is closed (committing every row appended, also those appended before a failure) before a
-        failure is raised, so a failure loses only the batches it concerns.
+        failure is raised, so a failure loses only the batches it concerns. `failed`: training is being
+        abandoned (an exception is on its way): under DDP this rank then does not wait at the closing barrier
+        for ranks that are still training, which would hold the real error behind a collective's timeout.
         """
         if self._closed:
             return self.report
@@ -326,8 +334,10 @@ class GradientCapture:
                 commit_errors.append(err)
         # A distributed sampler may pad an epoch by repeating examples on other ranks: the same ID can then be
         # captured twice. Once every rank has committed, one of them removes the extra copies. A rank that
-        # failed joins the barriers too, so that the others do not wait for it forever.
-        if _barrier():
+        # failed (its writer, or its training) skips the barrier: the others are still in training's own
+        # collectives, so it would wait there until the process group times out, and only then raise. It
+        # raises at once instead, and the launcher tears the job down, as for any failing rank.
+        if not (failed or self._error is not None or commit_errors) and _barrier():
             if torch.distributed.get_rank() == 0 and self._error is None and not commit_errors:
                 self.store.refresh()
                 self.store.remove_shadowed()
@@ -350,13 +360,18 @@ class GradientCapture:
         """The IDs of the examples of the next forward/backward (in batch order), for the plain-loop API."""
         self._raise_if_failed()
         self._pending_ids, self._pending_step, self._pending_lr = list(ids), step, lr
+        self._block_steps = []
         try:
             yield
-            if self._current is not None and self._current.hooked:
+            # Several forwards may run in one block (a second forward under stop-gradient, a recompute): the
+            # block is fine if one of them was differentiated.
+            steps = self._block_steps
+            if steps and not any(s.taken for s in steps) and any(s.hooked for s in steps):
                 raise RuntimeError("capture.batch(): the forward pass ran but backward() was not called inside the block")
         finally:
             self._pending_ids = self._pending_step = self._pending_lr = None
             self._current = None
+            self._block_steps = []
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -370,6 +385,10 @@ class GradientCapture:
         ids = kwargs.pop(ID_KWARG, None)
         if ids is None:
             ids = self._pending_ids
+        if _inside_backward():
+            # A forward that backward itself runs (activation checkpointing recomputing the whole model): the
+            # step being differentiated is the one its forward set up; this one is not another step.
+            return args, kwargs
         self._current = None
         if ids is None or self.policy == "off" or not module.training or not torch.is_grad_enabled():
             return args, kwargs  # evaluation, generation, or a forward without IDs: not captured
@@ -406,17 +425,23 @@ class GradientCapture:
         lr = self._pending_lr
         if lr is None and self.optimizer is not None:
             lr = float(self.optimizer.param_groups[0]["lr"])
-        self._current = _Step(
+        self._current = step = _Step(
             ids=example_ids, record_ids=record_ids, input_ids=input_ids,
             attention_mask=kwargs.get("attention_mask"), labels=kwargs.get("labels"), num_items=num_items,
             step=self.global_step if self._pending_step is None else self._pending_step, epoch=self.epoch, lr=lr,
             multiplier=convention.multiplier if num_items is not None else convention.multiplier_without_items,
         )
+        self._block_steps.append(step)
         return args, kwargs
 
     def _record_key(self, example_id: int | str) -> int | str:
-        """The store key of an example's record in this epoch, checked here rather than by the writer."""
-        if self.policy == "first":
+        """The store key of an example's record in this epoch, checked here rather than by the writer.
+
+        Under `all`, an example's first record keeps its plain ID whatever the epoch (its epoch-0 rows may
+        have been skipped as not finite), so that the ID always names a record; later ones get
+        `epoch_record_id` keys.
+        """
+        if self.policy == "first" or example_id not in self._seen:
             return example_id
         key = epoch_record_id(example_id, self.epoch)
         try:
@@ -429,6 +454,8 @@ class GradientCapture:
                 f"({err}); keep string IDs to {MAX_ID_BYTES - suffix} UTF-8 bytes or fewer") from None
 
     def _after_embedding(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if _inside_backward():
+            return  # a recompute: the gradient comes through the original forward's output
         current = self._current
         if current is None or current.hooked or current.unhooked_output is not None:
             return  # not captured, or the embedding was already called in this forward
@@ -444,6 +471,8 @@ class GradientCapture:
         output.register_hook(lambda grad, current=current: self._on_gradient(current, grad))
 
     def _after_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if _inside_backward():
+            return
         current = self._current
         if current is None:
             return

@@ -153,7 +153,7 @@ class GradStoreCallback(TrainerCallback):
             # to that run, which has already ended with an exception.
             stale, self.capture = self.capture, None
             try:
-                stale.close()
+                stale.close(failed=True)
             except RuntimeError as err:
                 log.error("the capture of an earlier train() call that raised had failed too: %s", err)
         self._model = model

@@ -179,7 +179,7 @@ def train_model(model: transformers.PreTrainedModel, sequences: Sequence[Sequenc
         bar.close()
         if capture is not None:
             try:
-                capture.close()  # commits what was captured before the failure
+                capture.close(failed=True)  # commits what was captured before the failure
             except Exception as close_error:  # the training failure is the one to raise, not this one
                 log.warning("gradient capture did not close cleanly after training failed: %s", close_error)
         raise

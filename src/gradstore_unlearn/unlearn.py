@@ -59,7 +59,7 @@ from gradstore import GradStore, InvalidInputError, StoreLockedError, UnknownIdE
 from gradstore._encoding import normalize_id
 from gradstore_kernels import ascent_score, topk_influence
 
-from .capture import epoch_record_id, is_later_epoch_record
+from .capture import is_later_epoch_record
 from .evaluate import context_length, sequence_losses
 from .fuzzy import Match, ShingleIndex
 from .gradients import embedding_gradient, inverse_hvp, sparse_rows
@@ -898,14 +898,27 @@ class Unlearner:
     def _stored_keys(self, ids: list[Any]) -> list[Any]:
         if self.config.stored_epochs == "first":
             return ids
-        keys = []
-        for i in ids:
-            keys.append(i)
-            epoch = 1
-            while epoch_record_id(i, epoch) in self.store:
-                keys.append(epoch_record_id(i, epoch))
-                epoch += 1
-        return keys
+        later = self._later_epoch_records(ids)
+        return [k for i in ids for k in (i, *later[i])]
+
+    def _later_epoch_records(self, ids: list[Any]) -> dict[Any, list[str]]:
+        """Each ID's later-epoch records (capture policy `all`), by epoch: every `<ID>@epoch<e>` the store holds.
+
+        Found by one scan of the IDs rather than by counting epochs up to the first missing one: an epoch
+        whose rows were not finite (an fp16 overflow step) is missing, and the records after it must not be.
+        """
+        found: dict[Any, list[str]] = {i: [] for i in ids}
+        if self.store.config.capture.get("policy") != "all":
+            return found
+        prefixes = {f"{i}@epoch": i for i in ids}
+        for key in self.store.ids():
+            if is_later_epoch_record(key):
+                owner = prefixes.get(key[: key.rindex("@epoch") + len("@epoch")])
+                if owner is not None:
+                    found[owner].append(key)
+        for keys in found.values():
+            keys.sort(key=lambda k: int(k[k.rindex("@epoch") + len("@epoch"):]))
+        return found
 
     # --------------------------------------------------------------------------------------- commitment
     def _commit(self, ids: list[Any], report: ForgetReport) -> None:
@@ -920,7 +933,8 @@ class Unlearner:
         receipt are kept in the entry.
         """
         objects = self.store.objects
-        keys = [k for i in ids for k in self._all_keys(i)]
+        later = self._later_epoch_records(ids)
+        keys = [k for i in ids for k in (i, *later[i])]
         entry = {"format": 2, "request_id": report.request_id, "keys": [self.store.id_hash(k) for k in keys],
                  "report": self._persisted(report), "model_hash_before": report.model_hash_before,
                  "model_hash_after": report.model_hash_after, "audit_name": self.store.audit_name(),
@@ -970,15 +984,6 @@ class Unlearner:
                 yield
             finally:
                 self._commit_lock_depth -= 1
-
-    def _all_keys(self, example_id: Any) -> list[Any]:
-        """The example's first-epoch record and any later-epoch records (capture policy `all`)."""
-        keys = [example_id]
-        epoch = 1
-        while epoch_record_id(example_id, epoch) in self.store:
-            keys.append(epoch_record_id(example_id, epoch))
-            epoch += 1
-        return keys
 
     def _persisted(self, report: ForgetReport) -> dict[str, Any]:
         doc = report.to_dict()

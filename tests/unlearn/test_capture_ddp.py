@@ -32,3 +32,16 @@ def test_two_ranks_write_their_own_segments(tmp_path):
     assert ranks <= {"rank0", "rank1"} and min(captured) > 0
     for x in DATA:
         assert store.get(x["id"]).meta["tokens"] == x["input_ids"]
+
+
+def test_a_rank_whose_writer_fails_raises_its_own_error_at_once(tmp_path):
+    """It must not wait at the closing barrier while the other rank is in training's all-reduce: that would
+    end, after the process group's timeout (120 s here), in a timeout error with the real one buried."""
+    uri = str(tmp_path / "store")
+    GradStore.create(uri, dim=32, vocab_size=VOCAB, dtype="float32")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(Path(__file__).parent / "ddp_worker.py"), uri, str(tmp_path), "1"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "disk full on rank 1" in result.stderr and "Timed out" not in result.stderr, result.stderr[-3000:]

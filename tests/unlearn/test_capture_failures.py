@@ -188,25 +188,28 @@ def test_a_position_store_that_does_not_fit_is_refused_early(tmp_path):
 
 
 def test_a_capture_never_closed_commits_its_rows_at_exit(tmp_path):
+    """Enough rows (> 2 chunks of 64) that the store encodes on its thread pool, which the interpreter has
+    stopped by the time exit handlers run: the commit then encodes in its own thread."""
     uri = str(tmp_path / "store")
     GradStore.create(uri, dim=32, vocab_size=VOCAB, dtype="float32")
     script = textwrap.dedent(f"""
-        import sys
+        import random, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from tiny_models import pad_batch, tiny_gpt2
+        from tiny_models import VOCAB, pad_batch, tiny_gpt2
         from gradstore import GradStore
         from gradstore_unlearn.capture import GradientCapture
         model = tiny_gpt2()
-        capture = GradientCapture(model, GradStore.open({uri!r}))
+        capture = GradientCapture(model, GradStore.open({uri!r}), writer_threads=1)
         capture.start()
-        with capture.batch(["a", "b"]):
-            model(**pad_batch([[1, 2, 3], [4, 5]])).loss.backward()
+        rng = random.Random(0)
+        sequences = [rng.sample(range(1, VOCAB), 50) for _ in range(4)]  # 4 x 50 distinct tokens: 200 rows
+        with capture.batch(["a", "b", "c", "d"]):
+            model(**pad_batch(sequences)).loss.backward()
         raise SystemExit("training failed")  # no close()
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "never closed" in result.stderr, result.stderr[-2000:]
-    assert sorted(GradStore.open(uri).ids()) == ["a", "b"]
-
+    assert sorted(GradStore.open(uri).ids()) == ["a", "b", "c", "d"], result.stderr[-2000:]
 
 
 def test_a_training_failure_is_raised_even_when_closing_the_capture_fails_too(tmp_path, monkeypatch):
@@ -218,8 +221,8 @@ def test_a_training_failure_is_raised_even_when_closing_the_capture_fails_too(tm
     store = make_store(tmp_path, model)
     real_close = GradientCapture.close
 
-    def close_then_fail(self):
-        real_close(self)
+    def close_then_fail(self, **kwargs):
+        real_close(self, **kwargs)
         raise RuntimeError("close failed")
 
     monkeypatch.setattr(GradientCapture, "close", close_then_fail)
@@ -227,3 +230,48 @@ def test_a_training_failure_is_raised_even_when_closing_the_capture_fails_too(tm
     with pytest.raises(IndexError):
         train_model(model, broken, ["a", "b"], TrainConfig(epochs=1, batch_size=1, warmup_steps=1), store=store,
                     progress=False)
+
+
+def test_under_the_all_policy_a_skipped_epoch_leaves_no_record_unnamed(tmp_path):
+    """Epoch 0's rows are not finite: the first record stored keeps the plain ID (it says its epoch); epoch 2's
+    are not finite either: the engine still finds epoch 3's record, past the gap, for erasure."""
+    from gradstore_unlearn.unlearn import Unlearner
+
+    model = tiny_gpt2()
+    store = make_store(tmp_path, model, capture_policy="all")
+    with GradientCapture(model, store, policy="all", writer_threads=1) as capture:
+        for epoch, scale in enumerate([float("inf"), 1.0, float("inf"), 1.0]):
+            capture.epoch = epoch
+            with capture.batch(["x", "y"]):
+                (model(**pad_batch(SEQUENCES[:2])).loss * scale).backward()
+            model.zero_grad()
+            capture._queue.join()  # the writer has judged the rows before the next epoch starts
+    store = GradStore.open(store.uri)
+    assert sorted(store.ids()) == ["x", "x@epoch3", "y", "y@epoch3"]
+    assert store.get("x").meta["epoch"] == 1
+    later = Unlearner(model, store, holdout=[[1, 2, 3, 4]])._later_epoch_records(["x", "y"])
+    assert later == {"x": ["x@epoch3"], "y": ["y@epoch3"]}
+
+
+def test_whole_model_checkpointing_and_a_second_undifferentiated_forward_are_captured(tmp_path):
+    """A checkpoint's recompute runs the model's forward inside backward, and a stop-gradient second view runs a
+    forward that is never differentiated: neither is a step of its own, and neither fails the batch block."""
+    import torch.utils.checkpoint as checkpoint
+
+    model = tiny_gpt2()
+    store = make_store(tmp_path, model)
+    with GradientCapture(model, store, writer_threads=1) as capture:
+        with capture.batch(["a", "b"]):
+            batch = pad_batch(SEQUENCES[:2])
+            loss = checkpoint.checkpoint(lambda i, m, labels: model(input_ids=i, attention_mask=m, labels=labels).loss,
+                                         batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                         use_reentrant=False)
+            loss.backward()
+        model.zero_grad()
+        with capture.batch(["c", "d"]):
+            out = model(**pad_batch(SEQUENCES[2:4]))
+            target = model(**pad_batch(SEQUENCES[2:4])).logits.detach()  # a stop-gradient second view
+            out.loss.backward()
+            del target
+    assert sorted(GradStore.open(store.uri).ids()) == ["a", "b", "c", "d"]
+    assert_rows_match_reference(store, model, "a", SEQUENCES[0])

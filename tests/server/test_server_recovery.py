@@ -214,17 +214,23 @@ def test_a_failed_commit_degrades_until_restart(workspace, monkeypatch):
         assert job["attempts"] == 2 and job["error"] is None
 
 
-def test_a_job_whose_erasure_failed_is_completed_at_restart(workspace, monkeypatch):
-    """The weights were saved, then the erasure failed: the restart's recovery finishes the forget, and the
-    job is completed with it (not `failed` for good while its forget took effect)."""
-    real_erase = GradStore.erase
+def failing_once(method):
+    """`method`, but its first call raises an I/O error (a disk or an object store failing once)."""
     calls = []
 
-    def erase_fails_once(self, *args, **kwargs):
+    def fails_once(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             raise OSError(5, "Input/output error")
-        return real_erase(self, *args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return fails_once
+
+
+def test_a_job_whose_erasure_failed_is_completed_at_restart(workspace, monkeypatch):
+    """The weights were saved, then the erasure failed: the restart's recovery finishes the forget, and the
+    job is completed with it (not `failed` for good while its forget took effect)."""
+    erase_fails_once = failing_once(GradStore.erase)
 
     with serve(workspace) as client:
         with monkeypatch.context() as patch:
@@ -244,14 +250,7 @@ def test_a_job_whose_erasure_failed_is_completed_at_restart(workspace, monkeypat
 
 def test_a_degraded_server_leaves_queued_jobs_queued(workspace, monkeypatch):
     """Jobs queued behind a failed commit are not failed for good: they run after the restart."""
-    real_erase = GradStore.erase
-    calls = []
-
-    def erase_fails_once(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise OSError(5, "Input/output error")
-        return real_erase(self, *args, **kwargs)
+    erase_fails_once = failing_once(GradStore.erase)
 
     with serve(workspace, forget_config=SLOW_FORGET) as client:
         with monkeypatch.context() as patch:

@@ -413,6 +413,15 @@ def restart(world, model_dir):
     return Unlearner(model, GradStore.open(world.store.uri), model_dir=model_dir, config=LENIENT)
 
 
+def crash_before_erasing(world, model_dir, monkeypatch, request_id: str) -> None:
+    """Forget r1 and die after the new weights are in place, before the erasure."""
+    unlearner = Unlearner(world.model, world.store, model_dir=model_dir, config=LENIENT)
+    with monkeypatch.context() as patch:
+        patch.setattr(world.store, "erase", lambda *a, **k: (_ for _ in ()).throw(Crash()))
+        with pytest.raises(Crash):
+            unlearner.forget(["r1"], mode="iterative", request_id=request_id)
+
+
 def test_a_save_that_fails_leaves_the_model_in_memory_as_on_disk(world, tmp_path, monkeypatch):
     """Otherwise the next request would start from, and audit as its before-state, weights never saved."""
     import gradstore_unlearn.unlearn as engine
@@ -452,11 +461,7 @@ def test_a_crash_after_an_unsaved_change_does_not_block_the_restart(world, tmp_p
 
 def test_a_crash_between_renaming_the_weights_and_erasing_is_finished(world, tmp_path, monkeypatch):
     model_dir = saved(world, tmp_path)
-    unlearner = Unlearner(world.model, world.store, model_dir=model_dir, config=LENIENT)
-    with monkeypatch.context() as patch:
-        patch.setattr(world.store, "erase", lambda *a, **k: (_ for _ in ()).throw(Crash()))
-        with pytest.raises(Crash):
-            unlearner.forget(["r1"], mode="iterative", request_id="C")
+    crash_before_erasing(world, model_dir, monkeypatch, "C")
     entry = json.loads(world.store.objects.read("forget-journal/C.json"))
     assert set(entry["weights"]) == {"model.safetensors"}  # the staged weights' digests, journaled before renaming
     again = restart(world, model_dir)
@@ -740,11 +745,7 @@ def test_a_failure_after_the_rename_keeps_the_after_state_in_memory(world, tmp_p
 
 def test_an_engine_without_the_model_directory_leaves_its_entries_alone(world, tmp_path, monkeypatch):
     model_dir = saved(world, tmp_path)
-    unlearner = Unlearner(world.model, world.store, model_dir=model_dir, config=LENIENT)
-    with monkeypatch.context() as patch:
-        patch.setattr(world.store, "erase", lambda *a, **k: (_ for _ in ()).throw(Crash()))
-        with pytest.raises(Crash):
-            unlearner.forget(["r1"], mode="iterative", request_id="U")
+    crash_before_erasing(world, model_dir, monkeypatch, "U")
     Unlearner(copy.deepcopy(world.model), GradStore.open(world.store.uri))  # e.g. an influence query
     assert world.store.objects.list_dir("forget-journal") == ["U.json"]
     assert restart(world, model_dir).store.is_erased("r1")

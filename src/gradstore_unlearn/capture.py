@@ -139,6 +139,7 @@ class _Step:
     hooked: bool = False  # a gradient hook is on the embedding output and has not fired yet
     unhooked_output: torch.Tensor | None = None  # the embedding output, while it does not (yet) require grad
     taken: bool = False  # the gradient was taken: later differentiations of this forward are ignored
+    in_backward: bool = False  # set up by a forward that backward ran (reentrant checkpointing's recompute)
 
 
 @dataclass
@@ -231,6 +232,7 @@ class GradientCapture:
         self._copy_stream = None
         self._closed = False
         self._block_steps: list[_Step] = []  # the steps the current `batch()` block's forwards set up
+        self._plain_epoch: dict[int | str, int] = {}  # policy `all`: the epoch whose record took the plain ID
         self._finalizer: weakref.finalize | None = None
         self._warned_twice_differentiated = False
         self._warned_no_logits = False
@@ -385,9 +387,12 @@ class GradientCapture:
         ids = kwargs.pop(ID_KWARG, None)
         if ids is None:
             ids = self._pending_ids
-        if _inside_backward():
-            # A forward that backward itself runs (activation checkpointing recomputing the whole model): the
-            # step being differentiated is the one its forward set up; this one is not another step.
+        in_backward = _inside_backward()
+        if in_backward and self._current is not None and not self._current.in_backward:
+            # A forward that backward itself runs (non-reentrant checkpointing recomputing the whole model): the
+            # step being differentiated is the one the original forward set up; this one is not another step.
+            # (Under reentrant checkpointing the original forward ran without grad and set up nothing: its
+            # recompute is the forward that is differentiated, and is captured.)
             return args, kwargs
         self._current = None
         if ids is None or self.policy == "off" or not module.training or not torch.is_grad_enabled():
@@ -430,8 +435,10 @@ class GradientCapture:
             attention_mask=kwargs.get("attention_mask"), labels=kwargs.get("labels"), num_items=num_items,
             step=self.global_step if self._pending_step is None else self._pending_step, epoch=self.epoch, lr=lr,
             multiplier=convention.multiplier if num_items is not None else convention.multiplier_without_items,
+            in_backward=in_backward,
         )
-        self._block_steps.append(step)
+        if self._pending_ids is not None:  # inside a `batch()` block (the Trainer path has none to check)
+            self._block_steps.append(step)
         return args, kwargs
 
     def _record_key(self, example_id: int | str) -> int | str:
@@ -443,6 +450,8 @@ class GradientCapture:
         """
         if self.policy == "first" or example_id not in self._seen:
             return example_id
+        if self._plain_epoch.get(example_id) == self.epoch:
+            return example_id  # its plain record is this epoch's: seen, so a repeat in this epoch is skipped
         key = epoch_record_id(example_id, self.epoch)
         try:
             return normalize_id(key)
@@ -454,9 +463,9 @@ class GradientCapture:
                 f"({err}); keep string IDs to {MAX_ID_BYTES - suffix} UTF-8 bytes or fewer") from None
 
     def _after_embedding(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        if _inside_backward():
-            return  # a recompute: the gradient comes through the original forward's output
         current = self._current
+        if current is not None and _inside_backward() != current.in_backward:
+            return  # a recompute of a step set up outside backward: its gradient comes through the original
         if current is None or current.hooked or current.unhooked_output is not None:
             return  # not captured, or the embedding was already called in this forward
         if output.requires_grad:
@@ -471,9 +480,9 @@ class GradientCapture:
         output.register_hook(lambda grad, current=current: self._on_gradient(current, grad))
 
     def _after_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if _inside_backward():
-            return
         current = self._current
+        if current is not None and _inside_backward() != current.in_backward:
+            return
         if current is None:
             return
         pending, current.unhooked_output = current.unhooked_output, None
@@ -546,6 +555,10 @@ class GradientCapture:
         record_ids = [None if key is None or key in self._seen else key for key in current.record_ids]
         current.record_ids = record_ids
         self._seen.update(key for key in record_ids if key is not None)
+        if self.policy == "all":
+            for example_id, key in zip(current.ids, record_ids, strict=True):
+                if key is not None and key == example_id:
+                    self._plain_epoch[example_id] = current.epoch
         self.report.examples_seen += len(record_ids)
         self.report.examples_skipped += sum(key is None for key in record_ids)
         return any(key is not None for key in record_ids)

@@ -580,8 +580,9 @@ class Unlearner:
             raise ForgetError(f"ids must be a list of IDs, not one {type(ids).__name__} ({ids!r}): "
                               f"write [{ids!r}]")
         # A commit that failed after its weights were saved (an erasure that raised) is finished first, so
-        # that repeating the request returns its report instead of moving the model a second time.
-        self.recover()
+        # that repeating the request returns its report instead of moving the model a second time. A dry run
+        # changes nothing and does not wait for the commit lock (a server runs it beside its own commits).
+        self.recover(wait=not dry_run)
         present, already = self.resolve(ids)
         if request_id is not None and not dry_run:
             done = self.completed_request(request_id, present + already)

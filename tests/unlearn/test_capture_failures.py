@@ -275,3 +275,50 @@ def test_whole_model_checkpointing_and_a_second_undifferentiated_forward_are_cap
             del target
     assert sorted(GradStore.open(store.uri).ids()) == ["a", "b", "c", "d"]
     assert_rows_match_reference(store, model, "a", SEQUENCES[0])
+
+
+def test_reentrant_whole_model_checkpointing_is_captured(tmp_path):
+    """Reentrant checkpointing runs the forward without grad, then again inside backward: that recompute is
+    the forward that is differentiated, and the one captured."""
+    import torch.utils.checkpoint as checkpoint
+
+    model = tiny_gpt2()
+    store = make_store(tmp_path, model)
+    with GradientCapture(model, store, writer_threads=1) as capture, capture.batch(["a", "b"]):
+        batch = pad_batch(SEQUENCES[:2])
+        gate = torch.ones(1, requires_grad=True)  # reentrant checkpointing needs an input that requires grad
+        loss = checkpoint.checkpoint(
+            lambda g, i, m, labels: model(input_ids=i, attention_mask=m, labels=labels).loss * g,
+            gate, batch["input_ids"], batch["attention_mask"], batch["labels"], use_reentrant=True)
+        loss.backward()
+    assert sorted(GradStore.open(store.uri).ids()) == ["a", "b"]
+    assert_rows_match_reference(store, model, "a", SEQUENCES[0])
+
+
+def test_the_trainer_path_keeps_no_step_after_its_backward(tmp_path):
+    """Without `batch()` blocks (IDs passed to forward) nothing may accumulate per step: the steps hold the
+    batch's tensors, on the training device."""
+    model = tiny_gpt2()
+    store = make_store(tmp_path, model)
+    with GradientCapture(model, store, writer_threads=1) as capture:
+        for step in range(20):
+            batch = pad_batch(SEQUENCES[:2])
+            model(**batch, gradstore_ids=[f"x{step}a", f"x{step}b"]).loss.backward()
+            model.zero_grad()
+        assert capture._block_steps == []
+    assert len(GradStore.open(store.uri).ids()) == 40
+
+
+def test_under_the_all_policy_a_repeat_in_the_epoch_of_the_first_record_is_not_stored_again(tmp_path):
+    model = tiny_gpt2()
+    store = make_store(tmp_path, model, capture_policy="all")
+    with GradientCapture(model, store, policy="all", writer_threads=1) as capture:
+        capture.epoch = 1  # first seen in epoch 1 (new then, or its epoch-0 rows were not finite)...
+        for _ in range(2):  # ...and twice in it (oversampling, a sampler with replacement)
+            with capture.batch(["a", "b"]):
+                model(**pad_batch(SEQUENCES[:2])).loss.backward()
+            model.zero_grad()
+        capture.epoch = 2
+        with capture.batch(["a", "b"]):
+            model(**pad_batch(SEQUENCES[:2])).loss.backward()
+    assert sorted(GradStore.open(store.uri).ids()) == ["a", "a@epoch2", "b", "b@epoch2"]

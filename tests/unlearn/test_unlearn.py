@@ -774,3 +774,31 @@ def test_a_crash_right_after_the_erasure_keeps_its_receipt(world, tmp_path, monk
 def test_a_model_directory_without_a_saved_model_is_refused(world, tmp_path):
     with pytest.raises(InvalidInputError, match="holds no saved model"):
         Unlearner(world.model, world.store, model_dir=tmp_path)
+
+
+def test_a_dry_run_does_not_wait_for_another_commit(world, tmp_path, monkeypatch):
+    """A server runs dry runs beside its own commits (holding its readers' side): waiting there for the commit
+    lock would stall every read. A dry run changes nothing, so it skips recovery while the lock is held."""
+    import threading
+
+    import gradstore_unlearn.unlearn as engine
+
+    monkeypatch.setattr(engine, "COMMIT_LOCK_TIMEOUT_S", 1.0)
+    unlearner = Unlearner(world.model, world.store, config=LENIENT)
+    world.store.objects.write("forget-journal/elsewhere.json", json.dumps({
+        "format": 2, "request_id": "elsewhere", "model_dir": str(tmp_path / "another-model")}).encode())
+    holding, release = threading.Event(), threading.Event()
+
+    def another_commit():
+        with GradStore.open(world.store.uri).lock("forget-commit"):
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=another_commit)
+    holder.start()
+    try:
+        assert holding.wait(5)
+        assert unlearner.forget(["r1"], dry_run=True).status == "dry_run"
+    finally:
+        release.set()
+        holder.join(10)

@@ -205,7 +205,8 @@ def save_model(model: transformers.PreTrainedModel, tokenizer: Any, out_dir: str
     """`save_pretrained` (safetensors) of the model and tokenizer, plus `gradstore-train.json` if `extra`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    with quiet_transformers():
+        model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if extra is not None:

@@ -59,6 +59,15 @@ def normalize_id(value: Any) -> ExampleId:
     raise InvalidInputError(f"ID {value!r} has type {type(value).__name__}; IDs are non-negative integers or strings")
 
 
+def canonical_int_id(text: str) -> int | None:
+    """The integer ID a text spells in canonical decimal ("7", not "007" or "+7"), else None: the one rule by
+    which the command line and the server read a typed ID as an integer, so that two spellings never alias."""
+    if not text.isascii() or not text.isdigit() or (len(text) > 1 and text[0] == "0"):
+        return None
+    value = int(text)
+    return value if value <= MAX_INT_ID else None
+
+
 def id_key(example_id: ExampleId) -> str:
     """The canonical text of an ID for hashing: ints and strings never collide ("i:5" vs "s:5")."""
     return f"i:{example_id}" if isinstance(example_id, int) else f"s:{example_id}"

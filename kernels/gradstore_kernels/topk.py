@@ -130,18 +130,18 @@ def topk_influence(
         )
         if len(ids) != scores.numel():
             raise KernelInputError(f"a batch has {len(ids)} ids but its offsets describe {scores.numel()} examples")
-        # A NaN would sort above every score and push real results out: corrupt rows (or a non-finite query)
-        # are an error, named by the first example they hit.
-        finite = torch.isfinite(scores)
-        if not bool(finite.all()):
-            bad = int(torch.nonzero(~finite)[0])
-            raise KernelInputError(f"example {ids[bad]!r} scores {float(scores[bad])}: its rows or the query "
-                                   "are not finite")
         pool = torch.cat([best_scores, scores])
         # The kept entries precede the new batch in `pool` and in scan order, so a stable
         # sort breaks ties by scan order.
         keep = torch.sort(pool, descending=True, stable=True).indices[:k]
+        # A NaN would sort above every score and push real results out: corrupt rows (or a non-finite query)
+        # are an error, named by the first example they hit. The flag rides on the sync the ranking needs.
+        fetched = torch.cat([keep, (~torch.isfinite(scores)).any().to(keep.dtype).reshape(1)]).tolist()
+        if fetched[-1]:
+            bad = int(torch.nonzero(~torch.isfinite(scores))[0])
+            raise KernelInputError(f"example {ids[bad]!r} scores {float(scores[bad])}: its rows or the query "
+                                   "are not finite")
         merged_ids = best_ids + ids
-        best_ids = [merged_ids[i] for i in keep.tolist()]
+        best_ids = [merged_ids[i] for i in fetched[:-1]]
         best_scores = pool[keep]
     return TopK(best_scores, best_ids)

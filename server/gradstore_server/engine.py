@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from gradstore import ErasedError, GradStore, InvalidInputError, UnknownIdError
-from gradstore._encoding import MAX_INT_ID, normalize_id
+from gradstore._encoding import canonical_int_id, normalize_id
 from gradstore_kernels import topk_influence
 from gradstore_unlearn.capture import is_later_epoch_record
 from gradstore_unlearn.evaluate import context_length
@@ -213,7 +213,7 @@ class Engine:
         if id_type in ("auto", "str") and _valid_str_id(raw):
             candidates.append(raw)
         if id_type in ("auto", "int"):
-            number = _canonical_int(raw)
+            number = canonical_int_id(raw)
             if number is not None:
                 candidates.append(number)
         for c in candidates:
@@ -380,9 +380,3 @@ def _valid_str_id(raw: str) -> bool:
     return True
 
 
-def _canonical_int(raw: str) -> int | None:
-    # Only the canonical decimal spelling names an integer ID, so that "007" and "7" cannot alias each other.
-    if not raw.isascii() or not raw.isdigit() or (len(raw) > 1 and raw[0] == "0"):
-        return None
-    value = int(raw)
-    return value if value <= MAX_INT_ID else None

@@ -127,16 +127,12 @@ def _resolve_id(store: Any, text: str, id_type: str = "auto") -> Any:
     # An erased string still names itself, so that repeating a forget of "3" reports it forgotten instead of
     # erasing the integer 3; and only the canonical spelling names an integer, so that "007" never aliases 7
     # (the server's rule for IDs in URLs).
-    if text in store or store.is_erased(text) or not _canonical_int(text):
+    from gradstore._encoding import canonical_int_id
+
+    number = canonical_int_id(text)
+    if text in store or store.is_erased(text) or number is None:
         return text
-    return int(text)
-
-
-def _canonical_int(text: str) -> bool:
-    from gradstore._encoding import MAX_INT_ID
-
-    return (text.isascii() and text.isdigit() and (text == "0" or text[0] != "0")
-            and int(text) <= MAX_INT_ID)
+    return number
 
 
 def _open_engine(args: argparse.Namespace, *, need_model: bool = True) -> Any:

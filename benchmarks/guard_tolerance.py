@@ -4,9 +4,11 @@
 
 Trains the demo's model with capture (size tiny, exactly as `gradstore demo`), then replays the demo's two requests
 (4 records by ID, 1 by a paraphrase of its text; iterative) from that same trained model and store, once per guard
-tolerance (`ForgetConfig(retain_tolerance=...)`, the per-request limit on the retain loss and perplexity), and once
-more at 2% with the output layer untied from the input embedding before the requests (the update then acts on the
-input side only; see benchmarks/embedding_sides.py). After each replay it evaluates exactly as the demo does and
+tolerance (`ForgetConfig(retain_tolerance=...)`, the per-request limit on the retain loss and perplexity), and at 2%
+three more ways: with the output layer untied from the input embedding before the requests (the update then acts on
+the input side only; see benchmarks/embedding_sides.py), with the ascent preconditioned by the retained examples'
+diagonal Fisher (`precondition="fisher"`), and with ownership weights to the 4th power instead of the square
+(`ownership_power=4`: shared rows move less). After each replay it evaluates exactly as the demo does and
 records the demo's four checks, both requests' outcomes, and the perplexity of the trained docstrings and of general
 text.
 
@@ -50,26 +52,30 @@ def main(argv=None) -> None:
     spec = DEMO_SIZES["tiny"]
     demo = prepare_data(spec, args.seed)
     work = Path(tempfile.mkdtemp(prefix="guard-tolerance-"))
-    variants = [(f"{100 * t:g}% guard", t, False) for t in args.tolerances] + [("2% guard, untied output layer", 0.02, True)]
+    variants = [(f"{100 * t:g}% guard", {"retain_tolerance": t}, False) for t in args.tolerances] + [
+        ("2% guard, untied output layer", {}, True),
+        ("2% guard, Fisher-preconditioned ascent", {"precondition": "fisher"}, False),
+        ("2% guard, ownership power 4", {"ownership_power": 4.0}, False)]
     runs = {}
     try:
         print("training the demo's model with capture ...", flush=True)
         trained = train_demo_model(spec, demo, work / "store", seed=args.seed, device="cpu", progress=False).model
         before = demo.evaluate(trained)
         docstrings_before = perplexity(trained, demo.trained_docstrings())
-        for name, tolerance, untied in variants:
+        for name, settings, untied in variants:
+            config = ForgetConfig(**settings)
             model = copy.deepcopy(trained)
             if untied:
                 untie_output_layer(model)
             shutil.copytree(work / "store", work / "trial")
             unlearner = Unlearner(model, GradStore.open(work / "trial"), tokenizer=demo.tokenizer,
-                                  config=ForgetConfig(retain_tolerance=tolerance))
+                                  config=config)
             by_id, _, by_text = forget_demo_records(unlearner, demo)
             shutil.rmtree(work / "trial")
             after = demo.evaluate(model)
             checks = _checks(before, after, ks_test(after.forget_losses, after.holdout_losses)[1])
             runs[name] = {
-                "retain_tolerance": tolerance, "untied_output_layer": untied,
+                "retain_tolerance": config.retain_tolerance, "untied_output_layer": untied, "config": settings,
                 "requests": [{"request_id": r.request_id, "status": r.status, "forget_loss_after": r.forget_loss_after,
                               "target_loss": r.target_loss, "guard_change_pct": round(100 * (r.retain_change or 0), 2),
                               "examples_below_target": len(r.below_target())}

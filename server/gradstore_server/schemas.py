@@ -241,7 +241,9 @@ class ForgetResult(_Out):
     iterations: int | None = None
     evaluations: int | None = None
     model_hash_before: str | None = None
-    model_hash_after: str | None = None
+    model_hash_after: str | None = Field(
+        default=None, description="the weights the request left; for target_not_met a state that is never "
+                                  "published (the next request starts from the published weights again)")
     erasure_receipt: str | None = None
     seconds: float | None = None
     message: str | None = None

@@ -311,9 +311,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     records = store.audit_log()
     rows = [(r.get("request_id"), r.get("mode"), len(r.get("id_hashes", [])), r.get("metrics_before", {}).get(
         "forget_loss"), r.get("metrics_after", {}).get("forget_loss"), r.get("target_loss"),
-        (r.get("model_hash_after") or "")[:12], r.get("erasure_receipt")) for r in records]
+        (r.get("model_hash_after") or "")[:12], ", ".join(c["request_id"] for c in r.get("carries") or []) or "-",
+        r.get("erasure_receipt")) for r in records]
     _print(args, records, format_table(["request", "mode", "ids", "loss before", "loss after", "target",
-                                        "model after", "receipt"], rows, title=f"{len(rows)} audit record(s)"))
+                                        "model after", "carries", "receipt"], rows,
+                                       title=f"{len(rows)} audit record(s)"))
     return 0
 
 

@@ -197,6 +197,11 @@ def run_demo(out: str | Path = "demo-out", size: str = "tiny", *, retrain: bool 
           f"{docstrings_ppl_after:.3f} ({report['trained_docstrings_ppl']['change_pct']:+.2f}%)")
     print()
     print(_requests_table([r for r in (report_ids, report_text) if r is not None]))
+    for r in (report_ids, report_text):
+        if r is not None and r.carries:
+            # A request that stopped short left its change in the model; the next commit saved it too.
+            print(f"{r.request_id} also saved the uncommitted change of "
+                  f"{', '.join(c['request_id'] for c in r.carries)} (its audit record names it)")
     print()
     print(format_table(["check", "value", "passed"], [(c["check"], c["value"], "yes" if c["passed"] else "NO")
                                                       for c in checks], title="Does it forget?"))

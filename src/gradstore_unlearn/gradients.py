@@ -111,6 +111,28 @@ def sparse_rows(model: torch.nn.Module, sequence: Sequence[int], *, pad_token_id
     return tokens.to(torch.int32), dense[tokens.to(dense.device)].cpu()
 
 
+def retain_fisher(model: torch.nn.Module, sequences: Sequence[Sequence[int]], weights: Sequence[float] | None = None,
+                  *, pad_token_id: int = 0) -> torch.Tensor:
+    """float32 [V, D]: the diagonal empirical Fisher of the input-embedding matrix, sum_i w_i (dL_i/dW)^2.
+
+    Unlike `embedding_gradient`, this is the gradient of the whole matrix: with tied input/output embeddings it
+    includes the output side (every row's logit at every position), which is where ascent on the lookup side
+    does much of its damage to text that shares no tokens with the forgotten examples. One backward per
+    sequence: the square must be taken per example (the square of a batch's sum would let examples cancel).
+    """
+    weight = model.get_input_embeddings().weight
+    fisher = torch.zeros_like(weight, dtype=torch.float32)
+    w = [1.0] * len(sequences) if weights is None else [float(x) for x in weights]
+    with _training_mode(model, False), torch.enable_grad():
+        for i, sequence in enumerate(sequences):
+            if w[i] == 0 or len(sequence) < 2:
+                continue
+            _, input_ids, mask = next(_batches([sequence], 1, pad_token_id, weight.device))
+            (grad,) = torch.autograd.grad(own_mean_losses(model, input_ids, mask).sum(), [weight])
+            fisher.add_(grad.float().square(), alpha=w[i])
+    return fisher
+
+
 # ------------------------------------------------------------------------------ Hessian-vector products
 def embedding_hvp(model: torch.nn.Module, sequences: Sequence[Sequence[int]], vector: torch.Tensor, *,
                   pad_token_id: int = 0, batch_size: int = 32) -> torch.Tensor:

@@ -31,6 +31,16 @@ guard (benchmarks/repair_effect.py): with repair the forgotten records' loss sto
 4.20 (target 5.58), while the retained examples neither the repair step nor the guard saw rose alike (docstrings
 +4.5% vs +4.7%, records +0.6% vs +0.3%); the repaired docstrings themselves fell 6.7%. The test world agrees
 (with repair 1 of 5 sampling seeds reached the target, without 5 of 5).
+
+`precondition="fisher"` divides each element of the ascent by the diagonal Fisher of a pool of retained examples
+(disjoint from the guard), plus a damping: the elements the retained examples are most sensitive to move least.
+The Fisher is of the whole tied matrix, so the output side counts, which the lookup gradients do not see. Off by
+default: on the demo it cut the damage to the docstrings and general text, and raised the damage to the
+retained records, which share the forgotten records' rows (benchmarks/guard_tolerance.py).
+
+A request that stops short leaves its change in the model (in memory); the next request starts from there, and
+its commit saves that change too, so the commit names it (`ForgetReport.carries`, kept in the audit record): the
+model hashes chain from the trained model to the weights on disk.
 """
 
 from __future__ import annotations
@@ -62,7 +72,7 @@ from gradstore_kernels import ascent_score, topk_influence
 from .capture import is_later_epoch_record
 from .evaluate import context_length, sequence_losses
 from .fuzzy import Match, ShingleIndex
-from .gradients import embedding_gradient, inverse_hvp, sparse_rows
+from .gradients import embedding_gradient, inverse_hvp, retain_fisher, sparse_rows
 from .tables import format_pairs
 from .train import quiet_transformers
 
@@ -121,6 +131,8 @@ class ForgetConfig:
     confidence_power: float = 0.0  # > 0: fresh ascent weighs each token by p^γ (see gradients.own_mean_losses)
     retain_sample: int = 64
     repair: bool = False  # True: after each fresh step, descend retained examples' loss on rows not owned
+    precondition: str = "none"  # "fisher": divide each ascent element by the retained examples' Fisher (+ damping)
+    fisher_damping: float = 1.0  # the damping, as a multiple of the Fisher's mean: larger is closer to plain ascent
     seed: int = 0
     batch_size: int = 32
 
@@ -133,6 +145,8 @@ class ForgetConfig:
             raise InvalidInputError(f"layers must be one of {LAYERS}, got {self.layers!r}")
         if self.stored_epochs not in ("first", "all"):
             raise InvalidInputError(f"stored_epochs must be 'first' or 'all', got {self.stored_epochs!r}")
+        if self.precondition not in ("none", "fisher"):
+            raise InvalidInputError(f"precondition must be 'none' or 'fisher', got {self.precondition!r}")
         if self.guard not in ("perplexity", "loss"):
             raise InvalidInputError(f"guard must be 'perplexity' or 'loss', got {self.guard!r}")
         for name in ("calibrate", "repair"):
@@ -140,7 +154,8 @@ class ForgetConfig:
                 raise InvalidInputError(f"{name} must be true or false, got {getattr(self, name)!r}")
         # Every number is checked here, when the configuration is made, not half-way through a request.
         ranges = {"retain_tolerance": (0, 10), "target_tolerance": (0, 1), "ownership_power": (None, None),
-                  "initial_scale": (0, None), "iterative_step": (0, None), "confidence_power": (None, None)}
+                  "initial_scale": (0, None), "iterative_step": (0, None), "confidence_power": (None, None),
+                  "fisher_damping": (0, None)}
         for name, (above, below) in ranges.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -184,6 +199,10 @@ class ForgetReport:
     target_tolerance: float = 0.02  # the band: "below its target" means more than this fraction under it
     model_hash_before: str | None = None
     model_hash_after: str | None = None
+    # Earlier requests of this engine that stopped short (target_not_met) and left their changes in the model this
+    # request started from: a commit saves those changes too, so its audit record names them, oldest first, each
+    # {"request_id", "status", "model_hash_before", "model_hash_after"}: the chain of model hashes stays whole.
+    carries: list[dict[str, Any]] = field(default_factory=list)
     erasure_receipt: str | None = None
     seconds: float = 0.0
     message: str = ""
@@ -215,7 +234,9 @@ class ForgetReport:
             ("retain change", None if change is None else f"{100 * change:+.2f}%"),
             ("examples below their target", self._below_target_summary()),
             ("scale", self.scale), ("iterations", self.iterations), ("loss evaluations", self.evaluations),
-            ("model hash after", (self.model_hash_after or "-")[:16]), ("erasure receipt", self.erasure_receipt),
+            ("model hash after", (self.model_hash_after or "-")[:16]),
+            ("carries changes of", ", ".join(c["request_id"] for c in self.carries) or "-"),
+            ("erasure receipt", self.erasure_receipt),
             ("seconds", round(self.seconds, 2)), ("note", self.message or "-"),
         ])
 
@@ -423,6 +444,8 @@ class Unlearner:
         self._doc_freq: torch.Tensor | None = None
         self._index: ShingleIndex | None = None
         self._installed: str | None = None  # the last request whose after-state this process saved (or holds)
+        # Requests that stopped short and left their changes in the model, since the last commit (ForgetReport.carries)
+        self._uncommitted: list[dict[str, Any]] = []
         self._commit_lock_depth = 0  # > 0 while `commit_lock()` holds the store's commit lock
         # The weights on disk as this engine found them (or last saved them): a commit over weights another
         # process has saved since would undo that process's forget.
@@ -600,6 +623,10 @@ class Unlearner:
         report = ForgetReport(request_id, "target_not_met", mode, ids=present, already_forgotten=already,
                               target_tolerance=self.config.target_tolerance,
                               model_hash_before=model_hash(self.model))
+        if self._uncommitted and self._uncommitted[-1]["model_hash_after"] != report.model_hash_before:
+            # The model was replaced since (weights loaded again, as a server does from its published ones):
+            # the changes those requests left are not in it, and a commit must not claim to carry them.
+            self._uncommitted = []
         original = {n: p.detach().clone() for n, p in self._parameters()}
         try:
             self._calibrate(present, mode, report)
@@ -609,20 +636,30 @@ class Unlearner:
                     param.copy_(original[name])
             raise
         report.seconds = time.perf_counter() - start
+        report.model_hash_after = model_hash(self.model)
         if report.status != "forgotten":
             log.warning("request %s: %s", request_id, report.message)
+            if report.model_hash_after != report.model_hash_before:
+                # Left at its best admissible point (in memory only): the next commit saves this change too.
+                self._uncommitted.append({"request_id": request_id, "status": report.status,
+                                          "model_hash_before": report.model_hash_before,
+                                          "model_hash_after": report.model_hash_after})
             return report
-        report.model_hash_after = model_hash(self.model)
+        report.carries = [dict(c) for c in self._uncommitted]
         try:
             self._commit(present, report)
         except BaseException:
             if self._installed != request_id:
-                # Failed before the new weights were in place: the disk holds the before-state, and so must
-                # the model in memory, or the next request would start from (and audit) weights never saved.
+                # Failed before the new weights were in place: the disk holds the before-state, and the model
+                # in memory goes back to the state this request found it in, or the next request would start
+                # from (and audit) weights that no request's record describes.
                 with torch.no_grad():
                     for name, param in self._parameters():
                         param.copy_(original[name])
+            else:
+                self._uncommitted = []  # on disk with this request's weights (its journal entry names them)
             raise
+        self._uncommitted = []  # saved with this commit (its audit record names them)
         report.seconds = time.perf_counter() - start
         return report
 
@@ -647,7 +684,9 @@ class Unlearner:
         if any(len(s) < 2 for s in sequences):
             raise ForgetError("a stored example has no token sequence to evaluate; capture stores it with the rows")
         ownership = self._ownership(sequences).to(self.device)
-        repair, retain = self._retain_samples(set(ids), ownership, mode == "iterative" and cfg.repair)
+        repair, retain = self._retain_samples(set(ids), ownership,
+                                              (mode == "iterative" and cfg.repair) or cfg.precondition == "fisher")
+        precondition = self._preconditioner(repair)
         forget_before = self._losses(sequences)
         holdout = self._losses(self.holdout)
         retain_before = self._guard_loss(retain) if retain else float("nan")
@@ -672,10 +711,13 @@ class Unlearner:
         # --- the stored first-epoch step, through the fused kernel --------------------------------------
         offsets, tokens, rows, lrs = _stored_update(batch, ids, weight.device)
         rows = rows * ownership[tokens.long()][:, None]
+        if precondition is not None:
+            rows = rows * precondition[tokens.long()]
         retain_grad = (embedding_gradient(self.model, retain.sequences, retain.weights.tolist(),
                                           pad_token_id=self.pad_token_id)[0] if retain else None)
-        forget_extra = (embedding_gradient(self.model, sequences, pad_token_id=self.pad_token_id,
-                                           params=[p for _, p in params[1:]])[1] if len(params) > 1 else [])
+        fresh_rows, forget_extra = (embedding_gradient(self.model, sequences, pad_token_id=self.pad_token_id,
+                                                       params=[p for _, p in params[1:]])
+                                    if len(params) > 1 else (None, []))
         # One unit of scale moves the embedding by as much as one plain SGD step on the summed losses.
         probe = torch.zeros_like(weight, dtype=torch.float32)
         scores = ascent_score(probe, offsets, tokens, rows, lrs, Q=retain_grad if retain_grad is not None
@@ -683,6 +725,12 @@ class Unlearner:
         report.interference = [float(x) for x in scores.cpu()]
         norm = float(probe.norm()) or 1.0
         unit = float(weight.detach().float().norm()) * 1e-3 / norm  # scale 1 = a 0.1% move of ||W||
+        # The other parameters (the layers ablation) take plain gradient ascent on their fresh gradients, at the
+        # rate that maps the embedding's fresh gradient (rows weighted alike) onto its stored step: one joint
+        # gradient step. (Moving each tensor by the embedding's whole norm instead made the blocks, some thirty
+        # tensors, swamp the embedding: the guard then stopped the step before the forget loss moved.)
+        extra_rate = (norm / max(float((fresh_rows * ownership[:, None]).norm()), 1e-12)
+                      if fresh_rows is not None else 0.0)
 
         def apply(scale: float) -> tuple[float, float]:
             nonlocal evaluations
@@ -693,7 +741,7 @@ class Unlearner:
                 weight.copy_(base["embedding"])
                 ascent_score(weight, offsets, tokens, rows, scaled)
                 for (name, param), g in zip(params[1:], forget_extra, strict=True):
-                    param.copy_(base[name] + scale * unit * g * (norm / max(float(g.norm()), 1e-12)))
+                    param.copy_(base[name] + (scale * unit * extra_rate) * g)
             evaluations += 2
             return float(self._losses(sequences).mean()), self._guard_loss(retain)
 
@@ -709,7 +757,7 @@ class Unlearner:
         # --- iterative: fresh gradients on the current model, each example toward its own target ---------
         if mode == "iterative" and not self._reached(f, target):
             f, r, iterations, more, targets = self._iterate(sequences, repair, retain, holdout, limit, ownership,
-                                                            params)
+                                                            params, precondition)
             report.iterations += iterations
             evaluations += more
         # The forgotten examples' losses, measured once more on the model as it is left: the status and the
@@ -804,7 +852,8 @@ class Unlearner:
 
     def _iterate(self, sequences: list[list[int]], repair: list[list[int]], retain: _GuardSample,
                  holdout: torch.Tensor, limit: float, ownership: torch.Tensor,
-                 params: list[tuple[str, torch.nn.Parameter]]) -> tuple[float, float, int, int, torch.Tensor]:
+                 params: list[tuple[str, torch.nn.Parameter]], precondition: torch.Tensor | None = None
+                 ) -> tuple[float, float, int, int, torch.Tensor]:
         """Fresh-gradient steps until the forgotten examples' losses match the holdout's.
 
         Returns (forget mean loss, guard loss, fresh steps kept, loss evaluations, per-example targets
@@ -837,6 +886,8 @@ class Unlearner:
                                              pad_token_id=self.pad_token_id, params=[p for _, p in params[1:]],
                                              confidence_power=cfg.confidence_power)
             direction = grad * ownership[:, None]
+            if precondition is not None:
+                direction = direction * precondition
             norm = float(direction.norm())
             if norm == 0:
                 break
@@ -846,8 +897,8 @@ class Unlearner:
             while step >= cfg.iterative_step / 256:
                 with torch.no_grad():
                     weight.add_(direction, alpha=step * w_norm / norm)
-                    for (_, param), g, saved in zip(params[1:], extra, before[1:], strict=True):
-                        param.add_(g, alpha=step * float(saved.norm()) / max(float(g.norm()), 1e-12))
+                    for (_, param), g in zip(params[1:], extra, strict=True):
+                        param.add_(g, alpha=step * w_norm / norm)  # one joint gradient step (see _calibrate)
                 if batch:
                     self._repair(batch, shared, step * w_norm)
                 new_losses = self._losses(sequences)
@@ -882,6 +933,14 @@ class Unlearner:
                 r = self._guard_loss(retain)
                 break  # no admissible step left: this is the best admissible point
         return float(losses.mean()), r, taken, evaluations, targets
+
+    def _preconditioner(self, pool: list[list[int]]) -> torch.Tensor | None:
+        """float32 [V, D] or None: 1 / (F + damping), scaled to mean 1, F the retained pool's diagonal Fisher."""
+        if self.config.precondition != "fisher" or not pool:
+            return None
+        fisher = retain_fisher(self.model, pool, pad_token_id=self.pad_token_id) / len(pool)
+        inverse = 1.0 / (fisher + self.config.fisher_damping * float(fisher.mean()) + 1e-30)
+        return inverse / inverse.mean()
 
     def _repair(self, batch: list[list[int]], shared: torch.Tensor, size: float) -> None:
         """Descend the batch's loss on the rows the forgotten examples do not own, by half the ascent's size.
@@ -1013,7 +1072,8 @@ class Unlearner:
             entry["report"]["erasure_receipt"] = tombstone.get("receipt") if tombstone else None
         audit = {"kind": "forget", "request_id": entry["request_id"], "time": time.time(),
                  "id_hashes": entry["report"]["ids"], "model_hash_before": entry["model_hash_before"],
-                 "model_hash_after": entry["model_hash_after"], "scale": entry["report"].get("scale"),
+                 "model_hash_after": entry["model_hash_after"], "carries": entry["report"].get("carries") or [],
+                 "scale": entry["report"].get("scale"),
                  "iterations": entry["report"].get("iterations"), "mode": entry["report"].get("mode"),
                  "metrics_before": {"forget_loss": entry["report"].get("forget_loss_before"),
                                     "retain_loss": entry["report"].get("retain_loss_before")},

@@ -126,6 +126,17 @@ def test_json_output_is_strict(ws, capsys):
     assert code == 0 and strict_json(out)["examples"] == 44
 
 
+def test_the_audit_table_names_the_requests_a_commit_carries(ws, capsys):
+    store = GradStore.open(ws / "store")
+    store.append_audit({"kind": "forget", "request_id": "done", "id_hashes": [], "model_hash_after": "ab" * 32,
+                        "carries": [{"request_id": "short-1", "status": "target_not_met",
+                                     "model_hash_before": "00" * 32, "model_hash_after": "11" * 32}]})
+    code, out, _ = run(capsys, "audit", "--store", ws / "store")
+    assert code == 0
+    (row,) = [line for line in out.splitlines() if "done" in line]
+    assert "short-1" in row and "carries" in out
+
+
 # ------------------------------------------------------------------------------------- paths, pipes
 def test_unusable_paths_are_one_line_errors(ws, capsys):
     a_file = ws / "a-file"

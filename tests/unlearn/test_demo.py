@@ -10,6 +10,8 @@ import pytest
 
 from gradstore import GradStore
 from gradstore_unlearn import data, demo
+from gradstore_unlearn.train import load_model
+from gradstore_unlearn.unlearn import model_hash
 
 
 @pytest.fixture
@@ -39,6 +41,14 @@ def test_the_demo_runs_end_to_end_and_reports_what_it_measured(micro, tmp_path, 
     for request in requests:
         for key in request["ids"]:
             assert (key in store) == (request["status"] != "forgotten")
+    # The audit chain: from the trained model, through every committed request (and the uncommitted changes each
+    # commit carried), to the weights on disk.
+    chain = requests[0]["model_hash_before"]
+    for record in store.audit_log():
+        for link in [*record["carries"], record]:
+            assert link["model_hash_before"] == chain
+            chain = link["model_hash_after"]
+    assert model_hash(load_model(out / "model")[0]) == chain
     printed = capsys.readouterr().out
     assert "Does it forget?" in printed and "below own target" in printed
     with pytest.raises(FileExistsError):  # a second run never mixes into the first one's store

@@ -649,6 +649,8 @@ def test_iterations_count_the_steps_taken(world, monkeypatch):
     ("initial_scale", 0.0, "initial_scale must be > 0"),
     ("iterative_step", float("nan"), "iterative_step must be a finite number"),
     ("calibrate", "no", "calibrate must be true or false"),
+    ("precondition", "adam", "precondition must be 'none' or 'fisher'"),
+    ("fisher_damping", 0.0, "fisher_damping must be > 0"),
 ])
 def test_every_forget_setting_is_checked_when_the_configuration_is_made(field, value, message):
     with pytest.raises(InvalidInputError, match=message):
@@ -802,3 +804,93 @@ def test_a_dry_run_does_not_wait_for_another_commit(world, tmp_path, monkeypatch
     finally:
         release.set()
         holder.join(10)
+
+
+def test_a_commit_names_the_uncommitted_changes_it_saves_so_the_hash_chain_stays_whole(world, tmp_path):
+    """A request that stops short leaves its change in memory; the next committed request saves it too. Its
+    report and audit record name that request and its hashes, so that every saved state is accounted for."""
+    model_dir = saved(world, tmp_path)
+    trained = model_hash(world.model)
+    unlearner = Unlearner(world.model, world.store, model_dir=model_dir,
+                          config=ForgetConfig(retain_tolerance=0.002))
+    short = unlearner.forget(["r0"], mode="first_epoch", request_id="short")
+    assert short.status == "target_not_met" and short.model_hash_before == trained
+    assert short.model_hash_after == model_hash(world.model) != trained  # moved toward the target, in memory
+    assert short.carries == [] and "r0" in world.store
+    unlearner.config = LENIENT
+    done = unlearner.forget(["r1"], mode="iterative", request_id="done")
+    assert done.status == "forgotten", done.message
+    assert done.carries == [{"request_id": "short", "status": "target_not_met", "model_hash_before": trained,
+                             "model_hash_after": short.model_hash_after}]
+    assert done.model_hash_before == short.model_hash_after
+    (audit,) = world.store.audit_log()
+    assert audit["carries"] == done.carries and audit["model_hash_after"] == done.model_hash_after
+    assert "short" in done.to_table()
+    # The chain: trained -> short (carried) -> done, and the weights on disk are the last link.
+    assert model_hash(restart(world, model_dir).model) == done.model_hash_after
+    later = unlearner.forget(["r5"], mode="iterative", request_id="later")
+    assert later.status == "forgotten" and later.carries == []  # saved once, named once
+
+
+def test_a_change_dropped_by_reloading_the_weights_is_not_claimed_as_carried(world):
+    """A server loads its published weights before each request: what a short request left is gone then."""
+    trained = copy.deepcopy(world.model.state_dict())
+    unlearner = Unlearner(world.model, world.store, config=ForgetConfig(retain_tolerance=0.002))
+    assert unlearner.forget(["r0"], mode="first_epoch").status == "target_not_met"
+    with torch.no_grad():
+        world.model.load_state_dict(trained)
+    unlearner.config = LENIENT
+    done = unlearner.forget(["r1"], mode="iterative")
+    assert done.status == "forgotten" and done.carries == []
+    assert world.store.audit_log()[0]["carries"] == []
+
+
+def test_the_fisher_preconditioner_divides_by_the_retained_examples_fisher(world):
+    """precondition="fisher": each ascent element is divided by the retained pool's diagonal Fisher (plus the
+    damping): the elements the retained examples are most sensitive to move least, including on the output side."""
+    from gradstore_unlearn.gradients import retain_fisher
+
+    pool = [world.train[k] for k in ("r10", "r11", "r12")]
+    fisher = retain_fisher(world.model, pool)
+    # Weighted per example (a zero weight leaves a sequence out), and each example adds mass of its own.
+    single = retain_fisher(world.model, pool[:1])
+    assert torch.equal(retain_fisher(world.model, pool, [1.0, 0.0, 0.0]), single)
+    assert bool((fisher >= single).all()) and float(fisher.sum()) > float(single.sum()) > 0
+    # Output side included: rows of tokens no pooled sequence contains still have Fisher mass (their logits).
+    vocab = world.model.get_input_embeddings().weight.shape[0]
+    unused = sorted(set(range(vocab)) - {t for s in pool for t in s})
+    assert float(fisher[unused].sum()) > 0
+    unlearner = Unlearner(world.model, world.store, config=ForgetConfig(retain_tolerance=0.10, precondition="fisher",
+                                                                       fisher_damping=0.5))
+    inverse = unlearner._preconditioner(pool)
+    expected = 1.0 / (fisher / 3 + 0.5 * float((fisher / 3).mean()))
+    assert torch.allclose(inverse, expected / expected.mean(), rtol=1e-5)
+    assert Unlearner(world.model, world.store, config=LENIENT)._preconditioner(pool) is None
+    report = unlearner.forget(["r1"], mode="iterative")
+    assert report.status == "forgotten", report.message
+    assert report.retain_loss_after <= report.retain_loss_before * 1.10 + 1e-9
+
+
+def test_the_layers_ablation_takes_one_joint_gradient_step_on_the_chosen_blocks(world):
+    """layers="last2": the embedding and the last two blocks move, nothing else; the blocks by plain gradient
+    ascent on their fresh gradients with one common factor (one joint step, not one normalised step per tensor)."""
+    from gradstore_unlearn.gradients import embedding_gradient
+
+    original = copy.deepcopy(world.model)
+    names = dict(original.named_parameters())
+    blocks = [n for n in names if ".h." in n]  # this model has one block: "the last two" are all of them
+    _, grads = embedding_gradient(original, [world.train["r1"]], params=[names[n] for n in blocks])
+    report = Unlearner(world.model, world.store, config=ForgetConfig(retain_tolerance=0.10, layers="last2")
+                       ).forget(["r1"], mode="first_epoch")
+    assert report.scale > 0 and report.forget_loss_after > report.forget_loss_before
+    moved = dict(world.model.named_parameters())
+    for name, param in names.items():
+        if name not in blocks and "wte" not in name:
+            assert torch.equal(moved[name], param), name  # outside the chosen layers: untouched
+    factors = []
+    for name, grad in zip(blocks, grads, strict=True):
+        if float(grad.norm()) > 1e-6 * float(names[name].detach().norm()):
+            delta = (moved[name] - names[name]).detach()
+            factors.append(float((delta * grad).sum() / (grad * grad).sum()))
+            assert torch.allclose(delta, factors[-1] * grad, atol=1e-6, rtol=1e-3), name
+    assert len(factors) > 4 and max(factors) == pytest.approx(min(factors), rel=1e-3) and min(factors) > 0

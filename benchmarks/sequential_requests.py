@@ -63,6 +63,8 @@ def main(argv=None) -> None:
                 "forget_loss_after": report.forget_loss_after, "target_loss": report.target_loss,
                 "guard_change_pct": round(100 * (report.retain_change or 0), 2),
                 "seconds": round(report.seconds, 1),
+                # Requests that stopped short before this one and whose changes its commit saved too.
+                "carries": [c["request_id"] for c in report.carries],
                 "retain_ppl_change_pct": round(100 * (perplexity(model, retain) / retain_ppl - 1), 2),
                 "docstrings_ppl_change_pct": round(100 * (perplexity(model, docstrings) / docstrings_ppl - 1), 2),
                 "asked_so_far": n, "committed_so_far": len(forgotten),

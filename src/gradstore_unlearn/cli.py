@@ -7,7 +7,7 @@
     gradstore forget --store URI --model DIR (--ids ... | --ids-file F | --text T) [...]
     gradstore find --store URI --model DIR --text T             fuzzy matching of stored examples
     gradstore influence --store URI --model DIR (--text T | --id ID) [--k N]
-    gradstore audit --store URI                                 the forget audit log
+    gradstore audit --store URI [--model DIR]                   the forget audit log (and its hash chain)
     gradstore serve --store URI --model DIR                     the HTTP server
 
 Each command prints a table, or strict JSON with `--json` (values that were not measured, NaN in a report, are
@@ -16,8 +16,8 @@ auto` (the default) reads "3" as the string ID "3" if the store holds or erased 
 (only a canonical decimal: "007" is a string); `--id-type int` / `str` say which.
 
 Exit codes: 0 success, 2 bad input (an unknown ID, a missing or unreadable file, a bad value, a model that a
-server or another forget holds), 3 a forget that did not reach its target, 130 interrupted, 141 output closed
-early (`gradstore info STORE | head -1`).
+server or another forget holds), 3 a forget that did not reach its target, 4 an audit trail whose model hashes
+break (`audit --model`), 130 interrupted, 141 output closed early (`gradstore info STORE | head -1`).
 Heavy modules are imported inside the commands, so that `gradstore --help` and `gradstore info` start fast.
 """
 
@@ -313,10 +313,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
         "forget_loss"), r.get("metrics_after", {}).get("forget_loss"), r.get("target_loss"),
         (r.get("model_hash_after") or "")[:12], ", ".join(c["request_id"] for c in r.get("carries") or []) or "-",
         r.get("erasure_receipt")) for r in records]
-    _print(args, records, format_table(["request", "mode", "ids", "loss before", "loss after", "target",
-                                        "model after", "carries", "receipt"], rows,
-                                       title=f"{len(rows)} audit record(s)"))
-    return 0
+    table = format_table(["request", "mode", "ids", "loss before", "loss after", "target", "model after", "carries",
+                          "receipt"], rows, title=f"{len(rows)} audit record(s)")
+    if args.model is None:
+        _print(args, records, table)
+        return 0
+    from .train import load_model
+    from .unlearn import verify_audit_chain
+
+    chain = verify_audit_chain(store, load_model(args.model)[0])
+    lines = [f"hash chain: {'whole' if chain.whole else 'BROKEN'}: {chain.commits} commit(s), {chain.carried} "
+             f"carried change(s), from model {(chain.first_hash or '-')[:16]} to {(chain.last_hash or '-')[:16]}; "
+             f"{args.model}: {(chain.model_hash or '-')[:16]}", *(f"  {p}" for p in chain.problems)]
+    _print(args, {"records": records, "chain": chain.to_dict()}, table + "\n" + "\n".join(lines))
+    return 0 if chain.whole else 4
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -426,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="the forget audit log of a store")
     audit.add_argument("--store", required=True)
+    audit.add_argument("--model", default=None, metavar="DIR",
+                       help="also follow the records' model hashes to this saved model's weights (exit 4 if broken)")
     audit.add_argument("--json", action="store_true")
     _add_store_options(audit)
     audit.set_defaults(func=cmd_audit)

@@ -29,8 +29,8 @@ from gradstore import GradStore
 from . import data
 from .evaluate import EvaluationReport, compare, evaluate_model, ks_test, perplexity
 from .tables import format_table
-from .train import TrainConfig, TrainResult, build_model, retrain_without, save_model, train_model
-from .unlearn import ForgetConfig, ForgetReport, Unlearner, save_reference_set
+from .train import TrainConfig, TrainResult, build_model, load_model, retrain_without, save_model, train_model
+from .unlearn import ForgetConfig, ForgetReport, Unlearner, save_reference_set, verify_audit_chain
 
 
 @dataclass(frozen=True)
@@ -176,6 +176,8 @@ def run_demo(out: str | Path = "demo-out", size: str = "tiny", *, retrain: bool 
     comparison = compare(before, after)
     ks = ks_test(after.forget_losses, after.holdout_losses)
     checks = _checks(before, after, ks[1])
+    # The weights on disk must be the trained model changed only by audited requests.
+    chain = verify_audit_chain(store, load_model(out / "model")[0])
     report = {
         "size": size, "device": device, "seconds": round(time.perf_counter() - started, 1),
         "training": trained.to_dict() | {"losses": None},
@@ -187,7 +189,7 @@ def run_demo(out: str | Path = "demo-out", size: str = "tiny", *, retrain: bool 
         "trained_docstrings_ppl": {"before": docstrings_ppl_before, "after": docstrings_ppl_after,
                                    "change_pct": 100 * (docstrings_ppl_after / docstrings_ppl_before - 1)},
         "ks_forgotten_vs_never_seen": {"statistic": ks[0], "pvalue": ks[1]},
-        "checks": checks, "store": GradStore.open(out / "store").stats().to_dict(),
+        "checks": checks, "audit_chain": chain.to_dict(), "store": GradStore.open(out / "store").stats().to_dict(),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     _plot(before, after, out / "report.png")
@@ -202,6 +204,8 @@ def run_demo(out: str | Path = "demo-out", size: str = "tiny", *, retrain: bool 
             # A request that stopped short left its change in the model; the next commit saved it too.
             print(f"{r.request_id} also saved the uncommitted change of "
                   f"{', '.join(c['request_id'] for c in r.carries)} (its audit record names it)")
+    print(f"audit hash chain from the trained model to the weights on disk: {'whole' if chain.whole else 'BROKEN'} "
+          f"({chain.commits} commit(s), {chain.carried} carried change(s))")
     print()
     print(format_table(["check", "value", "passed"], [(c["check"], c["value"], "yes" if c["passed"] else "NO")
                                                       for c in checks], title="Does it forget?"))

@@ -55,6 +55,7 @@ import os
 import random
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -84,6 +85,9 @@ LAYERS = ("embedding", "last2", "all")
 REQUESTS = "requests"  # requests/<request id>.json: the report of each completed request (idempotency)
 FORGET_JOURNAL = "forget-journal"  # forget-journal/<request id>.json: a request between model save and erase
 REFERENCE_KEY = "reference/holdout.json"
+# What a commit records of each uncommitted change it carries, besides its request id, status and model hashes:
+# the damage those changes did is not in the commit's own before/after metrics, which start from them.
+CARRIED_METRICS = ("forget_loss_before", "forget_loss_after", "retain_loss_before", "retain_loss_after")
 COMMIT_LOCK = "forget-commit"  # the store lock a forget's commit and a recovery hold (locks/forget-commit.json)
 COMMIT_LOCK_TIMEOUT_S = 600.0  # a commit erases from the store: minutes on a large one
 # Request ids become object names (requests/<id>.json): no separators, no dot-dot, bounded length.
@@ -201,7 +205,8 @@ class ForgetReport:
     model_hash_after: str | None = None
     # Earlier requests of this engine that stopped short (target_not_met) and left their changes in the model this
     # request started from: a commit saves those changes too, so its audit record names them, oldest first, each
-    # {"request_id", "status", "model_hash_before", "model_hash_after"}: the chain of model hashes stays whole.
+    # {"request_id", "status", "model_hash_before", "model_hash_after", and the forget and retain losses before
+    # and after}: the chain of model hashes stays whole, and the damage they did is on record.
     carries: list[dict[str, Any]] = field(default_factory=list)
     erasure_receipt: str | None = None
     seconds: float = 0.0
@@ -382,6 +387,54 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass
+class AuditChain:
+    """A store's forget audit trail followed by model hash, from each record (and the uncommitted changes it
+    carried) to the next, and optionally to the weights of a model: `whole` if nothing changed off the record."""
+
+    commits: int
+    carried: int
+    first_hash: str | None  # the model the first audited change started from (the trained model, usually)
+    last_hash: str | None  # the model the last commit saved
+    model_hash: str | None  # of the model given, if any
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def whole(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"whole": self.whole}
+
+
+def verify_audit_chain(store: GradStore, model: torch.nn.Module | None = None) -> AuditChain:
+    """Follow the model hashes of `store`'s forget audit records, oldest first (commits are serialised by the
+    store's commit lock and named in that order): each change must start from the model the one before it left,
+    and, given `model`, its weights must be the last commit's. A break means weights changed off the record."""
+    problems: list[str] = []
+    first = previous = None
+    commits = carried = 0
+    for record in store.audit_log():
+        if record.get("kind") != "forget":
+            continue
+        commits += 1
+        carried += len(record.get("carries") or [])
+        for link in [*(record.get("carries") or []), record]:
+            before, after = link.get("model_hash_before"), link.get("model_hash_after")
+            if first is None:
+                first = before
+            elif before != previous:
+                problems.append(f"request {link.get('request_id')} started from model {str(before)[:16]}, not "
+                                f"{str(previous)[:16]} (the one the change before it left): a change between "
+                                "them is not on record")
+            previous = after
+    given = model_hash(model) if model is not None else None
+    if given is not None and previous is not None and given != previous:
+        problems.append(f"the model's weights ({given[:16]}) are not the ones the last commit saved "
+                        f"({previous[:16]})")
+    return AuditChain(commits, carried, first, previous, given, problems)
+
+
 def save_reference_set(store: GradStore, sequences: Sequence[Sequence[int]]) -> None:
     """Keep token sequences of never-trained holdout examples in the store (the default calibration target)."""
     store.objects.write(REFERENCE_KEY, json.dumps([list(map(int, s)) for s in sequences]).encode())
@@ -446,7 +499,9 @@ class Unlearner:
         self._installed: str | None = None  # the last request whose after-state this process saved (or holds)
         # Requests that stopped short and left their changes in the model, since the last commit (ForgetReport.carries)
         self._uncommitted: list[dict[str, Any]] = []
-        self._commit_lock_depth = 0  # > 0 while `commit_lock()` holds the store's commit lock
+        self._inadmissible: str | None = None  # one of them left the model beyond its guard: no request builds on it
+        # The thread inside `commit_lock()` (a commit there does not take the lock again; another thread waits)
+        self._commit_lock_thread: int | None = None
         # The weights on disk as this engine found them (or last saved them): a commit over weights another
         # process has saved since would undo that process's forget.
         self._weights_seen = weights_fingerprint(self.model_dir) if self.model_dir is not None else None
@@ -485,8 +540,8 @@ class Unlearner:
                          key=lambda i: (isinstance(i, str), i))
             pool = self.store.get_sequences(ids) if ids else []
         pool = [s for s in pool if len(s) >= 2]
-        if len(pool) < 2:
-            return pool, _GuardSample(pool, torch.full((len(pool),), 1.0 / max(len(pool), 1), dtype=torch.float64))
+        if len(pool) < 2:  # all of it judges: a pool that also repaired or preconditioned would not be unseen
+            return [], _GuardSample(pool, torch.full((len(pool),), 1.0 / max(len(pool), 1), dtype=torch.float64))
         own = ownership.cpu().numpy()
         risk = [float(own[np.unique(np.asarray(s, dtype=np.int64))].sum()) for s in pool]
         order = sorted(range(len(pool)), key=lambda j: -risk[j])
@@ -626,10 +681,14 @@ class Unlearner:
         if self._uncommitted and self._uncommitted[-1]["model_hash_after"] != report.model_hash_before:
             # The model was replaced since (weights loaded again, as a server does from its published ones):
             # the changes those requests left are not in it, and a commit must not claim to carry them.
-            self._uncommitted = []
+            self._uncommitted, self._inadmissible = [], None
+        if self._inadmissible is not None:
+            raise ForgetError(f"the model holds the change that request {self._inadmissible} left beyond the retain guard "
+                              "or past the target (a fixed step, calibrate=False): a request would build on it and "
+                              "its commit would save it; load the weights again first (nothing changed)")
         original = {n: p.detach().clone() for n, p in self._parameters()}
         try:
-            self._calibrate(present, mode, report)
+            admissible = self._calibrate(present, mode, report)
         except BaseException:
             with torch.no_grad():  # nothing half-done survives an error: back to the state before the request
                 for name, param in self._parameters():
@@ -643,7 +702,10 @@ class Unlearner:
                 # Left at its best admissible point (in memory only): the next commit saves this change too.
                 self._uncommitted.append({"request_id": request_id, "status": report.status,
                                           "model_hash_before": report.model_hash_before,
-                                          "model_hash_after": report.model_hash_after})
+                                          "model_hash_after": report.model_hash_after,
+                                          **{name: getattr(report, name) for name in CARRIED_METRICS}})
+                if not admissible:
+                    self._inadmissible = request_id
             return report
         report.carries = [dict(c) for c in self._uncommitted]
         try:
@@ -677,7 +739,9 @@ class Unlearner:
         return chosen + [(n, p) for n, p in named if ".h." in n and n.split(".h.")[1].split(".")[0] in last]
 
     # ------------------------------------------------------------------------------------- calibration
-    def _calibrate(self, ids: list[Any], mode: str, report: ForgetReport) -> None:
+    def _calibrate(self, ids: list[Any], mode: str, report: ForgetReport) -> bool:
+        """Calibrate and apply the request's step(s), filling `report`. Returns whether the state left is
+        admissible: within the guard and, for a fixed step, not past the target band."""
         cfg = self.config
         batch = self.store.get_many(self._stored_keys(ids), with_meta=True)  # ONE batched read
         sequences = _sequences_by_id(batch, ids)
@@ -775,19 +839,22 @@ class Unlearner:
                                     "tokens": len(distinct), "owned_tokens": int((shares[distinct] >= 0.5).sum())})
         # A fixed step (calibrate=False) may also land past the target band: over-unlearning, not success.
         within = cfg.calibrate or f <= target * (1 + cfg.target_tolerance)
-        if self._reached(f, target) and (not retain or r <= limit) and within:
+        guarded = not retain or r <= limit
+        if self._reached(f, target) and guarded and within:
             report.status = "forgotten"
         elif not cfg.calibrate:  # a fixed step is applied as is: say where it landed, guard included
-            guard = "within" if not retain or r <= limit else "beyond"
             side = "below" if f < target else "past"
             report.message = (f"fixed step (calibrate=False, scale {cfg.initial_scale:g}): forget loss {f:.4f} is "
-                              f"{side} the target {target:.4f}, retain loss {r:.4f} {guard} the guard "
-                              f"(limit {limit:.4f}); nothing is committed")
+                              f"{side} the target {target:.4f}, retain loss {r:.4f} "
+                              f"{'within' if guarded else 'beyond'} the guard (limit {limit:.4f}); not committed: the "
+                              "step stays in the model in memory only" + ("" if guarded and within else
+                              ", and this engine refuses further requests until the weights are loaded again"))
         else:
             report.message = (f"target loss {target:.4f} not reached within the retain guard "
                               f"(+{100 * cfg.retain_tolerance:.1f}%): stopped at forget loss {f:.4f}, the best "
                               f"admissible point" + ("; try mode='iterative'" if mode == "first_epoch" else "")
                               + _shortfall(report))
+        return guarded and within
 
     def _reached(self, forget_loss: float, target: float) -> bool:
         return forget_loss >= target * (1 - self.config.target_tolerance)
@@ -939,6 +1006,9 @@ class Unlearner:
         if self.config.precondition != "fisher" or not pool:
             return None
         fisher = retain_fisher(self.model, pool, pad_token_id=self.pad_token_id) / len(pool)
+        if not bool(torch.isfinite(fisher).all()):
+            raise ForgetError("the retained examples' Fisher is not finite (the model's loss on them overflows): "
+                              "precondition='fisher' cannot weigh the step; use precondition='none'")
         inverse = 1.0 / (fisher + self.config.fisher_damping * float(fisher.mean()) + 1e-30)
         return inverse / inverse.mean()
 
@@ -997,7 +1067,7 @@ class Unlearner:
         keys = [k for i in ids for k in (i, *later[i])]
         entry = {"format": 2, "request_id": report.request_id, "keys": [self.store.id_hash(k) for k in keys],
                  "report": self._persisted(report), "model_hash_before": report.model_hash_before,
-                 "model_hash_after": report.model_hash_after, "audit_name": self.store.audit_name(),
+                 "model_hash_after": report.model_hash_after,
                  # Which weights the entry is about: an engine on another directory (or none) leaves it alone.
                  "model_dir": str(self.model_dir.resolve()) if self.model_dir is not None else None}
         journal_key = f"{FORGET_JOURNAL}/{report.request_id}.json"
@@ -1006,6 +1076,8 @@ class Unlearner:
                 raise ForgetError(f"the weights in {self.model_dir} were replaced since this engine read them "
                                   "(another process committed a forget?): committing would undo that; load the "
                                   "model again and repeat the request")
+            # Named under the lock: audit records then sort in commit order, which the hash chain follows.
+            entry["audit_name"] = self.store.audit_name()
             objects.write(journal_key, json.dumps(entry).encode())
             if self.model_dir is not None:
                 def journal_weights(digests: dict[str, str], staging: str) -> None:
@@ -1029,21 +1101,22 @@ class Unlearner:
 
     @contextlib.contextmanager
     def commit_lock(self) -> Iterator[None]:
-        """Hold the store's `forget-commit` lock for the block; a commit inside it does not take it again.
+        """Hold the store's `forget-commit` lock for the block; a commit inside it (same thread) does not take it
+        again, another thread's waits for it.
 
         For callers that wait for the lock before a section of their own: a server that stops its readers while
         a commit publishes takes this first, so that its readers are not held while it waits for another
         process's commit. Raises `StoreLockedError` after `COMMIT_LOCK_TIMEOUT_S`.
         """
-        if self._commit_lock_depth:
+        if self._commit_lock_thread == threading.get_ident():
             yield
             return
         with self.store.lock(COMMIT_LOCK, timeout_s=COMMIT_LOCK_TIMEOUT_S):
-            self._commit_lock_depth += 1
+            self._commit_lock_thread = threading.get_ident()
             try:
                 yield
             finally:
-                self._commit_lock_depth -= 1
+                self._commit_lock_thread = None
 
     def _persisted(self, report: ForgetReport) -> dict[str, Any]:
         doc = report.to_dict()

@@ -137,6 +137,25 @@ def test_the_audit_table_names_the_requests_a_commit_carries(ws, capsys):
     assert "short-1" in row and "carries" in out
 
 
+def test_audit_follows_the_hash_chain_to_the_saved_model(ws, capsys):
+    from gradstore_unlearn.train import load_model
+    from gradstore_unlearn.unlearn import model_hash
+
+    on_disk = model_hash(load_model(ws / "model")[0])
+    code, out, _ = run(capsys, "audit", "--store", ws / "store", "--model", ws / "model")
+    assert code == 0 and "hash chain: whole: 0 commit(s)" in out  # nothing audited: nothing to break
+    store = GradStore.open(ws / "store")
+    store.append_audit({"kind": "forget", "request_id": "a", "id_hashes": [], "model_hash_before": "0" * 64,
+                        "model_hash_after": on_disk})
+    code, out, _ = run(capsys, "audit", "--store", ws / "store", "--model", ws / "model", "--json")
+    chain = strict_json(out)["chain"]
+    assert code == 0 and chain["whole"] and chain["last_hash"] == chain["model_hash"] == on_disk
+    store.append_audit({"kind": "forget", "request_id": "b", "id_hashes": [], "model_hash_before": on_disk,
+                        "model_hash_after": "2" * 64})
+    code, out, _ = run(capsys, "audit", "--store", ws / "store", "--model", ws / "model")
+    assert code == 4 and "hash chain: BROKEN" in out and "not the ones the last commit saved" in out
+
+
 # ------------------------------------------------------------------------------------- paths, pipes
 def test_unusable_paths_are_one_line_errors(ws, capsys):
     a_file = ws / "a-file"

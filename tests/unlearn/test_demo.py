@@ -49,6 +49,7 @@ def test_the_demo_runs_end_to_end_and_reports_what_it_measured(micro, tmp_path, 
             assert link["model_hash_before"] == chain
             chain = link["model_hash_after"]
     assert model_hash(load_model(out / "model")[0]) == chain
+    assert report["audit_chain"]["whole"] and report["audit_chain"]["last_hash"] in (chain, None)
     printed = capsys.readouterr().out
     assert "Does it forget?" in printed and "below own target" in printed
     with pytest.raises(FileExistsError):  # a second run never mixes into the first one's store

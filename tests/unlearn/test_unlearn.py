@@ -23,6 +23,7 @@ from gradstore_unlearn.unlearn import (
     Unlearner,
     model_hash,
     save_reference_set,
+    verify_audit_chain,
 )
 
 SECRET = slice(10, 14)  # the four secret tokens: [1, template x4, name x3, 6, 7, secret x4, ...]
@@ -821,7 +822,11 @@ def test_a_commit_names_the_uncommitted_changes_it_saves_so_the_hash_chain_stays
     done = unlearner.forget(["r1"], mode="iterative", request_id="done")
     assert done.status == "forgotten", done.message
     assert done.carries == [{"request_id": "short", "status": "target_not_met", "model_hash_before": trained,
-                             "model_hash_after": short.model_hash_after}]
+                             "model_hash_after": short.model_hash_after,
+                             "forget_loss_before": short.forget_loss_before,
+                             "forget_loss_after": short.forget_loss_after,
+                             "retain_loss_before": short.retain_loss_before,
+                             "retain_loss_after": short.retain_loss_after}]
     assert done.model_hash_before == short.model_hash_after
     (audit,) = world.store.audit_log()
     assert audit["carries"] == done.carries and audit["model_hash_after"] == done.model_hash_after
@@ -830,6 +835,42 @@ def test_a_commit_names_the_uncommitted_changes_it_saves_so_the_hash_chain_stays
     assert model_hash(restart(world, model_dir).model) == done.model_hash_after
     later = unlearner.forget(["r5"], mode="iterative", request_id="later")
     assert later.status == "forgotten" and later.carries == []  # saved once, named once
+    chain = verify_audit_chain(world.store, restart(world, model_dir).model)
+    assert chain.whole and (chain.commits, chain.carried) == (2, 1), chain.problems
+    assert (chain.first_hash, chain.last_hash, chain.model_hash) == (trained, later.model_hash_after,
+                                                                     later.model_hash_after)
+    # Weights that are not the last commit's, and a record that starts off the chain, are both named.
+    stale = verify_audit_chain(world.store, tiny_model())
+    assert not stale.whole and "not the ones the last commit saved" in stale.problems[0]
+    world.store.append_audit({"kind": "forget", "request_id": "elsewhere", "model_hash_before": "0" * 64,
+                              "model_hash_after": "1" * 64})
+    broken = verify_audit_chain(world.store)
+    assert broken.problems == [f"request elsewhere started from model {'0' * 16}, not "
+                               f"{later.model_hash_after[:16]} (the one the change before it left): a change "
+                               "between them is not on record"]
+
+
+def test_a_fixed_step_beyond_the_guard_is_never_built_on_or_saved(world, tmp_path):
+    """calibrate=False applies its step as is and leaves it in memory (the ablations evaluate it); a step that
+    broke the guard must not become the start, and through a commit the weights on disk, of the next request."""
+    model_dir = saved(world, tmp_path)
+    trained = copy.deepcopy(world.model.state_dict())
+    unlearner = Unlearner(world.model, world.store, model_dir=model_dir,
+                          config=ForgetConfig(initial_scale=1e6, calibrate=False))
+    fixed = unlearner.forget(["r3"], mode="first_epoch", request_id="fixed")
+    assert fixed.status == "target_not_met" and "beyond the guard" in fixed.message
+    assert "refuses further requests" in fixed.message
+    broken = model_hash(world.model)
+    unlearner.config = LENIENT
+    with pytest.raises(ForgetError, match="request fixed left beyond the retain guard"):
+        unlearner.forget(["r1"], mode="iterative", request_id="next")
+    assert model_hash(world.model) == broken and "r1" in world.store and not world.store.audit_log()
+    assert unlearner.forget(["r1"], dry_run=True).status == "dry_run"  # looking is still allowed
+    with torch.no_grad():
+        world.model.load_state_dict(trained)  # loaded again: the broken step is gone, requests run
+    done = unlearner.forget(["r1"], mode="iterative", request_id="next")
+    assert done.status == "forgotten" and done.carries == []
+    assert model_hash(restart(world, model_dir).model) == done.model_hash_after
 
 
 def test_a_change_dropped_by_reloading_the_weights_is_not_claimed_as_carried(world):
@@ -871,6 +912,40 @@ def test_the_fisher_preconditioner_divides_by_the_retained_examples_fisher(world
     assert report.retain_loss_after <= report.retain_loss_before * 1.10 + 1e-9
 
 
+def test_both_kinds_of_step_are_multiplied_by_the_preconditioner(world, monkeypatch):
+    """A preconditioner that is zero outside a few rows: the stored step and the fresh steps move those rows only."""
+    tokens = sorted(set(world.train["r1"]))[:4]
+    weight = world.model.get_input_embeddings().weight
+    only = torch.zeros_like(weight, dtype=torch.float32)
+    only[tokens] = 1.0
+    monkeypatch.setattr(Unlearner, "_preconditioner", lambda self, pool: only)
+    before = weight.detach().clone()
+    report = Unlearner(world.model, world.store, config=LENIENT).forget(["r1"], mode="iterative")
+    assert report.scale > 0 and report.iterations > 1, report  # both kinds of step were taken...
+    moved = (weight.detach() != before).any(dim=1).nonzero().flatten().tolist()
+    assert moved and set(moved) <= set(tokens)  # ...and neither moved a row the preconditioner zeroes
+
+
+def test_a_fisher_that_is_not_finite_is_refused_and_changes_nothing(world, monkeypatch):
+    import gradstore_unlearn.unlearn as engine
+
+    monkeypatch.setattr(engine, "retain_fisher", lambda model, pool, **kw: torch.full_like(
+        model.get_input_embeddings().weight, float("nan")))
+    before = model_hash(world.model)
+    unlearner = Unlearner(world.model, world.store, config=ForgetConfig(precondition="fisher"))
+    with pytest.raises(ForgetError, match="Fisher is not finite"):
+        unlearner.forget(["r1"], mode="iterative")
+    assert model_hash(world.model) == before and "r1" in world.store
+
+
+def test_a_retain_pool_of_one_example_only_judges(world):
+    """With one retained example there is nothing to split: it is the guard, and repairs and weighs nothing."""
+    unlearner = Unlearner(world.model, world.store, retain=[world.train["r9"]], config=LENIENT)
+    ownership = unlearner._ownership([world.train["r1"]])
+    pool, guard = unlearner._retain_samples({"r1"}, ownership, repairing=True)
+    assert pool == [] and guard.sequences == [world.train["r9"]]
+
+
 def test_the_layers_ablation_takes_one_joint_gradient_step_on_the_chosen_blocks(world):
     """layers="last2": the embedding and the last two blocks move, nothing else; the blocks by plain gradient
     ascent on their fresh gradients with one common factor (one joint step, not one normalised step per tensor)."""
@@ -887,6 +962,50 @@ def test_the_layers_ablation_takes_one_joint_gradient_step_on_the_chosen_blocks(
     for name, param in names.items():
         if name not in blocks and "wte" not in name:
             assert torch.equal(moved[name], param), name  # outside the chosen layers: untouched
+    factors = []
+    for name, grad in zip(blocks, grads, strict=True):
+        if float(grad.norm()) > 1e-6 * float(names[name].detach().norm()):
+            delta = (moved[name] - names[name]).detach()
+            factors.append(float((delta * grad).sum() / (grad * grad).sum()))
+            assert torch.allclose(delta, factors[-1] * grad, atol=1e-6, rtol=1e-3), name
+    assert len(factors) > 4 and max(factors) == pytest.approx(min(factors), rel=1e-3) and min(factors) > 0
+
+
+def test_the_commit_lock_is_reentrant_for_its_thread_only(world):
+    import threading
+    import time
+
+    unlearner = Unlearner(world.model, world.store, config=LENIENT)
+    entered = threading.Event()
+
+    def other_thread() -> None:
+        with unlearner.commit_lock():
+            entered.set()
+
+    with unlearner.commit_lock():
+        with unlearner.commit_lock():  # the same thread: no second acquisition, no deadlock
+            pass
+        waiter = threading.Thread(target=other_thread)
+        waiter.start()
+        time.sleep(0.5)
+        assert not entered.is_set()  # another thread (a second job on the same engine) waits for the lock
+    waiter.join(timeout=30)
+    assert entered.is_set()
+
+
+def test_the_fresh_steps_of_the_layers_ablation_are_joint_gradient_steps(world, monkeypatch):
+    """One fresh step (no stored step): the blocks move by their fresh gradient times one common factor."""
+    from gradstore_unlearn.gradients import embedding_gradient
+
+    original = copy.deepcopy(world.model)
+    names = dict(original.named_parameters())
+    blocks = [n for n in names if ".h." in n]
+    _, grads = embedding_gradient(original, [world.train["r1"]], params=[names[n] for n in blocks])
+    monkeypatch.setattr(Unlearner, "_search", lambda self, apply, target, admissible, initial: (0.0, apply(0.0)))
+    config = ForgetConfig(retain_tolerance=0.10, layers="last2", max_iterations=1, iterative_step=0.002)
+    report = Unlearner(world.model, world.store, config=config).forget(["r1"], mode="iterative")
+    assert report.scale == 0 and report.iterations == 2, report  # the stored step took none, one fresh step kept
+    moved = dict(world.model.named_parameters())
     factors = []
     for name, grad in zip(blocks, grads, strict=True):
         if float(grad.norm()) > 1e-6 * float(names[name].detach().norm()):

@@ -731,8 +731,15 @@ class GradStore:
 
     # --------------------------------------------------------------------------------------------- records
     def audit_name(self) -> str:
-        """A fresh name for an audit record: the time first, so that names sort oldest first."""
-        return f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        """A fresh name for an audit record: the time first, so that names sort oldest first.
+
+        Never before the newest record's: a writer whose clock is behind (another host, a clock stepped back)
+        still names its record after the ones already written, so that, chosen under a lock the writers share,
+        names sort in the order of the writes."""
+        newest = max((int(n[:20]) for n in self._objects.list_dir(AUDIT) if n.endswith(".json")
+                      and _AUDIT_NAME.fullmatch(n[:-5])),
+                     default=0)
+        return f"{max(time.time_ns(), newest + 1):020d}-{uuid.uuid4().hex[:8]}"
 
     def append_audit(self, record: dict[str, Any], *, name: str | None = None) -> str:
         """Append one audit record (JSON object; must not hold raw IDs). Returns its key.

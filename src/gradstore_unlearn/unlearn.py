@@ -398,6 +398,9 @@ class AuditChain:
     last_hash: str | None  # the model the last commit saved
     model_hash: str | None  # of the model given, if any
     problems: list[str] = field(default_factory=list)
+    # Commits in progress or interrupted after their weights were saved (journaled, audit record not yet
+    # written): links whose after-state is the model given; the next engine on the store finishes them.
+    pending: list[str] = field(default_factory=list)
 
     @property
     def whole(self) -> bool:
@@ -429,10 +432,28 @@ def verify_audit_chain(store: GradStore, model: torch.nn.Module | None = None) -
                                 "them is not on record")
             previous = after
     given = model_hash(model) if model is not None else None
+    pending: list[str] = []
+    if given is not None and given != previous:
+        # A commit between its weights and its audit record (running now, or crashed there) is on record in the
+        # forget journal: its links continue the chain to the weights given.
+        objects = store.objects
+        for name in sorted(objects.list_dir(FORGET_JOURNAL)):
+            try:
+                entry = json.loads(objects.read(f"{FORGET_JOURNAL}/{name}"))
+            except (FileNotFoundError, ValueError):
+                continue
+            links = [*(entry.get("report", {}).get("carries") or []), entry]
+            if links[-1].get("model_hash_after") == given and (
+                    previous is None or links[0].get("model_hash_before") == previous):
+                if first is None:
+                    first = links[0].get("model_hash_before")
+                pending.append(str(entry.get("request_id")))
+                previous = given
+                break
     if given is not None and previous is not None and given != previous:
         problems.append(f"the model's weights ({given[:16]}) are not the ones the last commit saved "
                         f"({previous[:16]})")
-    return AuditChain(commits, carried, first, previous, given, problems)
+    return AuditChain(commits, carried, first, previous, given, problems, pending)
 
 
 def save_reference_set(store: GradStore, sequences: Sequence[Sequence[int]]) -> None:
@@ -679,9 +700,12 @@ class Unlearner:
                               target_tolerance=self.config.target_tolerance,
                               model_hash_before=model_hash(self.model))
         if self._uncommitted and self._uncommitted[-1]["model_hash_after"] != report.model_hash_before:
-            # The model was replaced since (weights loaded again, as a server does from its published ones):
-            # the changes those requests left are not in it, and a commit must not claim to carry them.
-            self._uncommitted, self._inadmissible = [], None
+            # The model was replaced since (weights loaded again, as a server does from its published ones): the
+            # changes after the state it is now in are not in it, and a commit must not claim to carry them.
+            # (The refused state, if any, was the newest change: it is among those dropped.)
+            after = [c["model_hash_after"] for c in self._uncommitted]
+            keep = len(after) - after[::-1].index(report.model_hash_before) if report.model_hash_before in after else 0
+            self._uncommitted, self._inadmissible = self._uncommitted[:keep], None
         if self._inadmissible is not None:
             raise ForgetError(f"the model holds the change that request {self._inadmissible} left beyond the retain guard "
                               "or past the target (a fixed step, calibrate=False): a request would build on it and "
@@ -854,7 +878,8 @@ class Unlearner:
                               f"(+{100 * cfg.retain_tolerance:.1f}%): stopped at forget loss {f:.4f}, the best "
                               f"admissible point" + ("; try mode='iterative'" if mode == "first_epoch" else "")
                               + _shortfall(report))
-        return guarded and within
+        # A calibrated search only keeps admissible states (a guard measured again may differ by rounding).
+        return cfg.calibrate or (guarded and within)
 
     def _reached(self, forget_loss: float, target: float) -> bool:
         return forget_loss >= target * (1 - self.config.target_tolerance)
@@ -1005,12 +1030,14 @@ class Unlearner:
         """float32 [V, D] or None: 1 / (F + damping), scaled to mean 1, F the retained pool's diagonal Fisher."""
         if self.config.precondition != "fisher" or not pool:
             return None
-        fisher = retain_fisher(self.model, pool, pad_token_id=self.pad_token_id) / len(pool)
-        if not bool(torch.isfinite(fisher).all()):
+        # float64: squared gradients near float32's top would overflow the mean and the division.
+        fisher = retain_fisher(self.model, pool, pad_token_id=self.pad_token_id).double() / len(pool)
+        inverse = 1.0 / (fisher + self.config.fisher_damping * float(fisher.mean()) + 1e-300)
+        inverse = inverse / inverse.mean()
+        if not bool(torch.isfinite(inverse).all()):
             raise ForgetError("the retained examples' Fisher is not finite (the model's loss on them overflows): "
                               "precondition='fisher' cannot weigh the step; use precondition='none'")
-        inverse = 1.0 / (fisher + self.config.fisher_damping * float(fisher.mean()) + 1e-30)
-        return inverse / inverse.mean()
+        return inverse.float()
 
     def _repair(self, batch: list[list[int]], shared: torch.Tensor, size: float) -> None:
         """Descend the batch's loss on the rows the forgotten examples do not own, by half the ascent's size.
@@ -1174,6 +1201,8 @@ class Unlearner:
         objects = self.store.objects
         if self.store.read_only or not objects.list_dir(FORGET_JOURNAL):
             return []
+        if self._commit_lock_thread == threading.get_ident():
+            return self._recover_locked()  # inside this thread's `commit_lock()`: the lock is ours already
         try:
             with self.store.lock(COMMIT_LOCK, timeout_s=COMMIT_LOCK_TIMEOUT_S if wait else 0):
                 return self._recover_locked()

@@ -241,6 +241,19 @@ def test_an_audit_record_appended_twice_under_one_name_is_kept_once(tmp_path):
         store.append_audit({"n": 3}, name="../gradstore")
 
 
+def test_audit_names_sort_after_the_newest_record_even_with_a_clock_behind(tmp_path):
+    """A writer whose clock is behind (another host) still names its record after those already written."""
+    from gradstore import GradStore
+
+    store = GradStore.create(tmp_path / "s", dim=4, vocab_size=8)
+    ahead = f"{time.time_ns() + 3600 * 10**9:020d}-{'a' * 8}"  # a record written by a host an hour ahead
+    store.append_audit({"n": 1}, name=ahead)
+    later = store.audit_name()
+    assert later > ahead and int(later[:20]) == int(ahead[:20]) + 1
+    store.append_audit({"n": 2}, name=later)
+    assert store.audit_log() == [{"n": 1}, {"n": 2}]
+
+
 def test_a_lock_left_by_an_earlier_process_with_our_pid_is_broken_at_once(objects):
     """After a container restart the new process often has the dead holder's pid (1) and hostname."""
     import socket

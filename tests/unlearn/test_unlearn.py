@@ -1013,3 +1013,56 @@ def test_the_fresh_steps_of_the_layers_ablation_are_joint_gradient_steps(world, 
             factors.append(float((delta * grad).sum() / (grad * grad).sum()))
             assert torch.allclose(delta, factors[-1] * grad, atol=1e-6, rtol=1e-3), name
     assert len(factors) > 4 and max(factors) == pytest.approx(min(factors), rel=1e-3) and min(factors) > 0
+
+
+def test_a_commit_between_its_weights_and_its_audit_record_is_a_pending_link(world, tmp_path, monkeypatch):
+    """The weights of a commit that died before its audit record (or is writing it now) are on record in the
+    forget journal: the chain is whole, with that request pending, until an engine finishes it."""
+    from gradstore_unlearn.train import load_model
+
+    model_dir = saved(world, tmp_path)
+    crash_before_erasing(world, model_dir, monkeypatch, "P")
+    read_only = GradStore.open(world.store.uri, read_only=True)
+    chain = verify_audit_chain(read_only, load_model(model_dir)[0])
+    assert chain.whole and chain.pending == ["P"] and chain.commits == 0, chain.problems
+    restart(world, model_dir)  # recovery finishes it: an audit record, nothing pending
+    chain = verify_audit_chain(read_only, load_model(model_dir)[0])
+    assert chain.whole and chain.pending == [] and chain.commits == 1
+
+
+def test_recovery_inside_the_threads_own_commit_lock_does_not_wait_on_itself(world, tmp_path, monkeypatch):
+    import gradstore_unlearn.unlearn as engine
+
+    model_dir = saved(world, tmp_path)
+    again = restart(world, model_dir)  # nothing to recover yet
+    crash_before_erasing(world, model_dir, monkeypatch, "Q")  # another engine dies in the middle of a commit
+    monkeypatch.setattr(engine, "COMMIT_LOCK_TIMEOUT_S", 2.0)  # a self-deadlock fails fast instead of hanging
+    with again.commit_lock():
+        assert again.recover() == ["Q"]  # (a forget in here recovers first, the same way)
+    assert not again.store.objects.list_dir("forget-journal")
+
+
+def test_a_huge_but_finite_fisher_still_gives_a_usable_preconditioner(world, monkeypatch):
+    import gradstore_unlearn.unlearn as engine
+
+    monkeypatch.setattr(engine, "retain_fisher", lambda model, pool, **kw: torch.full_like(
+        model.get_input_embeddings().weight, 3e38))
+    unlearner = Unlearner(world.model, world.store, config=ForgetConfig(precondition="fisher"))
+    inverse = unlearner._preconditioner([world.train["r9"], world.train["r8"]])
+    assert inverse.dtype == torch.float32 and torch.equal(inverse, torch.ones_like(inverse))
+
+
+def test_reloading_an_earlier_uncommitted_state_keeps_the_changes_before_it(world, tmp_path):
+    model_dir = saved(world, tmp_path)
+    unlearner = Unlearner(world.model, world.store, model_dir=model_dir,
+                          config=ForgetConfig(retain_tolerance=0.002))
+    first = unlearner.forget(["r0"], mode="first_epoch", request_id="first")
+    kept = copy.deepcopy(world.model.state_dict())
+    second = unlearner.forget(["r2"], mode="first_epoch", request_id="second")
+    assert first.status == second.status == "target_not_met" and second.model_hash_after != first.model_hash_after
+    with torch.no_grad():
+        world.model.load_state_dict(kept)  # back to what the first one left: the second's change is gone
+    unlearner.config = LENIENT
+    done = unlearner.forget(["r1"], mode="iterative", request_id="done")
+    assert done.status == "forgotten" and [c["request_id"] for c in done.carries] == ["first"]
+    assert verify_audit_chain(world.store, restart(world, model_dir).model).whole

@@ -44,6 +44,7 @@ from gradstore_unlearn.unlearn import (
     ForgetReport,
     Unlearner,
     model_hash,
+    verify_audit_chain,
     weights_fingerprint,
 )
 
@@ -289,6 +290,11 @@ class Engine:
         with self.reading():
             records = self.store.audit_log()
         return len(records), [json_safe(r) for r in records[offset : offset + limit]]
+
+    def audit_chain(self) -> dict[str, Any]:
+        """The audit log's model hashes followed to the published weights (`verify_audit_chain`)."""
+        with self.reading() as snap:
+            return verify_audit_chain(self.store, weights_hash=snap.model_hash).to_dict()
 
     def id_hash(self, example_id: Any) -> str:
         return self.store.id_hash(example_id)

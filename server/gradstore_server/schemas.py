@@ -281,6 +281,19 @@ class AuditQuery(BaseModel):
     limit: int = Field(100, ge=1, le=MAX_AUDIT_PAGE, description="records per page")
 
 
+class AuditChain(_Out):
+    whole: bool = Field(description="every audited change starts from the model the one before it left, and the "
+                                    "last one's weights are the ones served")
+    commits: int
+    carried: int = Field(description="uncommitted changes saved by a later commit (named in its record)")
+    first_hash: str | None = Field(description="the model the first audited change started from")
+    last_hash: str | None = Field(description="the model the last commit saved")
+    model_hash: str | None = Field(description="the weights served now")
+    problems: list[str]
+    pending: list[str] = Field(description="request ids whose weights are saved but whose audit record is not "
+                                           "yet written")
+
+
 class AuditPage(_Out):
     items: list[dict[str, Any]] = Field(description="audit records, oldest first (they hold ID hashes only)")
     offset: int

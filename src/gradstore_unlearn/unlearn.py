@@ -410,10 +410,12 @@ class AuditChain:
         return asdict(self) | {"whole": self.whole}
 
 
-def verify_audit_chain(store: GradStore, model: torch.nn.Module | None = None) -> AuditChain:
+def verify_audit_chain(store: GradStore, model: torch.nn.Module | None = None, *,
+                       weights_hash: str | None = None) -> AuditChain:
     """Follow the model hashes of `store`'s forget audit records, oldest first (commits are serialised by the
     store's commit lock and named in that order): each change must start from the model the one before it left,
-    and, given `model`, its weights must be the last commit's. A break means weights changed off the record."""
+    and, given `model` (or its `model_hash`, `weights_hash`), its weights must be the last commit's. A break
+    means weights changed off the record."""
     problems: list[str] = []
     first = previous = None
     commits = carried = 0
@@ -431,7 +433,7 @@ def verify_audit_chain(store: GradStore, model: torch.nn.Module | None = None) -
                                 f"{str(previous)[:16]} (the one the change before it left): a change between "
                                 "them is not on record")
             previous = after
-    given = model_hash(model) if model is not None else None
+    given = model_hash(model) if model is not None else weights_hash
     pending: list[str] = []
     if given is not None and given != previous:
         # A commit between its weights and its audit record (running now, or crashed there) is on record in the

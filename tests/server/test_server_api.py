@@ -15,7 +15,8 @@ from gradstore_unlearn.train import load_model
 from gradstore_unlearn.unlearn import model_hash
 
 V1_ROUTES = [("get", "/v1/stats", None), ("get", "/v1/examples/1", None), ("post", "/v1/influence", {"id": 1}),
-             ("post", "/v1/forget", {"ids": [1]}), ("get", "/v1/jobs/" + "0" * 32, None), ("get", "/v1/audit", None)]
+             ("post", "/v1/forget", {"ids": [1]}), ("get", "/v1/jobs/" + "0" * 32, None), ("get", "/v1/audit", None),
+             ("get", "/v1/audit/chain", None)]
 
 
 def assert_error(response, status: int, code: str | None = None) -> dict:
@@ -220,6 +221,10 @@ def test_forget_job_lifecycle(client, workspace):
     records = client.get("/v1/audit").json()["items"]
     assert records[-1]["request_id"] == "dsr-1"
     assert sorted(records[-1]["id_hashes"]) == sorted(done["id_hashes"])
+    chain = client.get("/v1/audit/chain").json()
+    assert chain["whole"] and chain["problems"] == [] and chain["pending"] == [] and chain["carried"] == 0
+    assert chain["first_hash"] == before["model"]["hash"] and chain["last_hash"] == chain["model_hash"] == after[
+        "model"]["hash"]
 
 
 def test_repeated_request_id_returns_the_original_job(client):
@@ -399,6 +404,7 @@ def test_openapi_documents_every_response(client):
         ("post", "/v1/forget"): {"200", "202", "401", "404", "409", "413", "422", "500", "503"},
         ("get", "/v1/jobs/{job_id}"): {"200", "401", "404", "422", "500", "503"},
         ("get", "/v1/audit"): {"200", "401", "422", "500", "503"},
+        ("get", "/v1/audit/chain"): {"200", "401", "500", "503"},
     }
     found = {(m, p): set(op["responses"]) for p, ops in schema["paths"].items() for m, op in ops.items()}
     assert found == expected

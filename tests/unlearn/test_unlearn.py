@@ -946,6 +946,17 @@ def test_a_retain_pool_of_one_example_only_judges(world):
     assert pool == [] and guard.sequences == [world.train["r9"]]
 
 
+def assert_one_positive_factor(original: dict, moved: dict, names: list[str], grads: list) -> None:
+    """Each named parameter moved by its gradient times one factor shared by all of them (a joint step)."""
+    factors = []
+    for name, grad in zip(names, grads, strict=True):
+        if float(grad.norm()) > 1e-6 * float(original[name].detach().norm()):
+            delta = (moved[name] - original[name]).detach()
+            factors.append(float((delta * grad).sum() / (grad * grad).sum()))
+            assert torch.allclose(delta, factors[-1] * grad, atol=1e-6, rtol=1e-3), name
+    assert len(factors) > 4 and max(factors) == pytest.approx(min(factors), rel=1e-3) and min(factors) > 0
+
+
 def test_the_layers_ablation_takes_one_joint_gradient_step_on_the_chosen_blocks(world):
     """layers="last2": the embedding and the last two blocks move, nothing else; the blocks by plain gradient
     ascent on their fresh gradients with one common factor (one joint step, not one normalised step per tensor)."""
@@ -962,13 +973,7 @@ def test_the_layers_ablation_takes_one_joint_gradient_step_on_the_chosen_blocks(
     for name, param in names.items():
         if name not in blocks and "wte" not in name:
             assert torch.equal(moved[name], param), name  # outside the chosen layers: untouched
-    factors = []
-    for name, grad in zip(blocks, grads, strict=True):
-        if float(grad.norm()) > 1e-6 * float(names[name].detach().norm()):
-            delta = (moved[name] - names[name]).detach()
-            factors.append(float((delta * grad).sum() / (grad * grad).sum()))
-            assert torch.allclose(delta, factors[-1] * grad, atol=1e-6, rtol=1e-3), name
-    assert len(factors) > 4 and max(factors) == pytest.approx(min(factors), rel=1e-3) and min(factors) > 0
+    assert_one_positive_factor(names, moved, blocks, grads)
 
 
 def test_the_commit_lock_is_reentrant_for_its_thread_only(world):
@@ -1006,13 +1011,7 @@ def test_the_fresh_steps_of_the_layers_ablation_are_joint_gradient_steps(world, 
     report = Unlearner(world.model, world.store, config=config).forget(["r1"], mode="iterative")
     assert report.scale == 0 and report.iterations == 2, report  # the stored step took none, one fresh step kept
     moved = dict(world.model.named_parameters())
-    factors = []
-    for name, grad in zip(blocks, grads, strict=True):
-        if float(grad.norm()) > 1e-6 * float(names[name].detach().norm()):
-            delta = (moved[name] - names[name]).detach()
-            factors.append(float((delta * grad).sum() / (grad * grad).sum()))
-            assert torch.allclose(delta, factors[-1] * grad, atol=1e-6, rtol=1e-3), name
-    assert len(factors) > 4 and max(factors) == pytest.approx(min(factors), rel=1e-3) and min(factors) > 0
+    assert_one_positive_factor(names, moved, blocks, grads)
 
 
 def test_a_commit_between_its_weights_and_its_audit_record_is_a_pending_link(world, tmp_path, monkeypatch):

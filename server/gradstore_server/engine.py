@@ -292,8 +292,14 @@ class Engine:
         return len(records), [json_safe(r) for r in records[offset : offset + limit]]
 
     def audit_chain(self) -> dict[str, Any]:
-        """The audit log's model hashes followed to the published weights (`verify_audit_chain`)."""
+        """The audit log's model hashes followed to the published weights (`verify_audit_chain`).
+
+        Refused (503 `degraded`) while a failed commit is unsettled: the weights served are then the ones from
+        before it, while the disk and the audit log may already hold its after-state, so neither "whole" nor
+        "broken" would be true; the restart settles it."""
         with self.reading() as snap:
+            if self.degraded:
+                raise ApiError(503, "degraded", f"{self.degraded}; the audit chain is checked after the restart")
             return verify_audit_chain(self.store, weights_hash=snap.model_hash).to_dict()
 
     def id_hash(self, example_id: Any) -> str:

@@ -238,12 +238,17 @@ def test_a_job_whose_erasure_failed_is_completed_at_restart(workspace, monkeypat
             submitted = client.post("/v1/forget", json={"ids": [7], "request_id": "dsr-7"}).json()
             job = wait_job(client, submitted["job_id"])
         assert job["status"] == "interrupted" and job["error"]["code"] == "commit_failed"
+        # The weights served are the old ones, the disk holds the new: the chain is neither whole nor broken.
+        unsettled = client.get("/v1/audit/chain")
+        assert unsettled.status_code == 503 and unsettled.json()["code"] == "degraded"
     with serve(workspace) as client:
         done = client.get(f"/v1/jobs/{job['job_id']}").json()
         assert done["status"] == "completed" and done["attempts"] == 1 and done["error"] is None
         assert done["result"]["model_hash_after"] == disk_hash(workspace)
         assert client.get("/v1/examples/7").json()["code"] == "erased"
         assert [r["request_id"] for r in client.get("/v1/audit").json()["items"]] == ["dsr-7"]
+        chain = client.get("/v1/audit/chain").json()  # settled by the restart
+        assert chain["whole"] and chain["commits"] == 1 and chain["model_hash"] == disk_hash(workspace)
         again = client.post("/v1/forget", json={"ids": [7], "request_id": "dsr-7"})
         assert again.status_code == 200 and again.json()["job_id"] == job["job_id"]
 

@@ -322,12 +322,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from .unlearn import verify_audit_chain
 
     chain = verify_audit_chain(store, load_model(args.model)[0])
-    lines = [f"hash chain: {'whole' if chain.whole else 'BROKEN'}: {chain.commits} commit(s), {chain.carried} "
-             f"carried change(s), from model {(chain.first_hash or '-')[:16]} to {(chain.last_hash or '-')[:16]}; "
-             f"{args.model}: {(chain.model_hash or '-')[:16]}",
-             *([f"  pending (weights saved, audit record not yet written): {', '.join(chain.pending)}"]
-               if chain.pending else []), *(f"  {p}" for p in chain.problems)]
-    _print(args, {"records": records, "chain": chain.to_dict()}, table + "\n" + "\n".join(lines))
+    _print(args, {"records": records, "chain": chain.to_dict()}, f"{table}\n{chain.summary()}")
     return 0 if chain.whole else 4
 
 

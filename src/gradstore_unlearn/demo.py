@@ -204,8 +204,7 @@ def run_demo(out: str | Path = "demo-out", size: str = "tiny", *, retrain: bool 
             # A request that stopped short left its change in the model; the next commit saved it too.
             print(f"{r.request_id} also saved the uncommitted change of "
                   f"{', '.join(c['request_id'] for c in r.carries)} (its audit record names it)")
-    print(f"audit hash chain from the trained model to the weights on disk: {'whole' if chain.whole else 'BROKEN'} "
-          f"({chain.commits} commit(s), {chain.carried} carried change(s))")
+    print(f"audit, from the trained model to the weights on disk: {chain.summary()}")
     print()
     print(format_table(["check", "value", "passed"], [(c["check"], c["value"], "yes" if c["passed"] else "NO")
                                                       for c in checks], title="Does it forget?"))

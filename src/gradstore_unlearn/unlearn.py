@@ -409,6 +409,15 @@ class AuditChain:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"whole": self.whole}
 
+    def summary(self) -> str:
+        """One line, then one per pending request and per problem: what `gradstore audit --model` prints."""
+        lines = [f"hash chain: {'whole' if self.whole else 'BROKEN'}: {self.commits} commit(s), {self.carried} "
+                 f"carried change(s), from model {(self.first_hash or '-')[:16]} to {(self.last_hash or '-')[:16]}"
+                 + (f"; model given: {self.model_hash[:16]}" if self.model_hash else "")]
+        if self.pending:
+            lines.append(f"  pending (weights saved, audit record not yet written): {', '.join(self.pending)}")
+        return "\n".join(lines + [f"  {p}" for p in self.problems])
+
 
 def verify_audit_chain(store: GradStore, model: torch.nn.Module | None = None, *,
                        weights_hash: str | None = None) -> AuditChain:

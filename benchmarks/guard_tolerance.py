@@ -8,7 +8,9 @@ tolerance (`ForgetConfig(retain_tolerance=...)`, the per-request limit on the re
 three more ways: with the output layer untied from the input embedding before the requests (the update then acts on
 the input side only; see benchmarks/embedding_sides.py), with the ascent preconditioned by the retained examples'
 diagonal Fisher (`precondition="fisher"`), and with ownership weights to the 4th power instead of the square
-(`ownership_power=4`: shared rows move less). After each replay it evaluates exactly as the demo does and
+(`ownership_power=4`: shared rows move less); and with a 2% drift budget set on the store before the two requests
+(`Unlearner.set_drift_budget(0.02)`: both requests together may move the retained examples' perplexity by 2%, the
+demo's own check). After each replay it evaluates exactly as the demo does and
 records the demo's four checks, both requests' outcomes, and the perplexity of the trained docstrings and of general
 text.
 
@@ -36,6 +38,7 @@ from gradstore_unlearn.unlearn import ForgetConfig, Unlearner
 def parse_args(argv=None) -> argparse.Namespace:
     p = demo_benchmark_parser(__doc__, "guard_tolerance_cpu.json")
     p.add_argument("--tolerances", type=float, nargs="+", default=[0.01, 0.015, 0.02])
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run only the variants named so")
     return p.parse_args(argv)
 
 
@@ -55,7 +58,10 @@ def main(argv=None) -> None:
     variants = [(f"{100 * t:g}% guard", {"retain_tolerance": t}, False) for t in args.tolerances] + [
         ("2% guard, untied output layer", {}, True),
         ("2% guard, Fisher-preconditioned ascent", {"precondition": "fisher"}, False),
-        ("2% guard, ownership power 4", {"ownership_power": 4.0}, False)]
+        ("2% guard, ownership power 4", {"ownership_power": 4.0}, False),
+        ("2% guard, 2% drift budget", {"drift_budget": 0.02}, False)]
+    if args.only:
+        variants = [v for v in variants if v[0] in args.only]
     runs = {}
     try:
         print("training the demo's model with capture ...", flush=True)
@@ -63,13 +69,16 @@ def main(argv=None) -> None:
         before = demo.evaluate(trained)
         docstrings_before = perplexity(trained, demo.trained_docstrings())
         for name, settings, untied in variants:
-            config = ForgetConfig(**settings)
+            budget = settings.get("drift_budget")
+            config = ForgetConfig(**{k: v for k, v in settings.items() if k != "drift_budget"})
             model = copy.deepcopy(trained)
             if untied:
                 untie_output_layer(model)
             shutil.copytree(work / "store", work / "trial")
             unlearner = Unlearner(model, GradStore.open(work / "trial"), tokenizer=demo.tokenizer,
                                   config=config)
+            if budget is not None:
+                unlearner.set_drift_budget(budget)
             by_id, _, by_text = forget_demo_records(unlearner, demo)
             shutil.rmtree(work / "trial")
             after = demo.evaluate(model)
@@ -78,7 +87,7 @@ def main(argv=None) -> None:
                 "retain_tolerance": config.retain_tolerance, "untied_output_layer": untied, "config": settings,
                 "requests": [{"request_id": r.request_id, "status": r.status, "forget_loss_after": r.forget_loss_after,
                               "target_loss": r.target_loss, "guard_change_pct": round(100 * (r.retain_change or 0), 2),
-                              "examples_below_target": len(r.below_target())}
+                              "examples_below_target": len(r.below_target()), "drift": r.drift}
                              for r in (by_id, by_text) if r is not None],
                 "checks": checks, "checks_passed": sum(c["passed"] for c in checks),
                 "docstrings_ppl_change_pct": round(100 * (perplexity(model, demo.trained_docstrings())

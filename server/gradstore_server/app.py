@@ -12,7 +12,7 @@ from .engine import Engine
 from .errors import install_error_handlers
 from .jobs import JobManager
 from .limits import BodySizeLimit
-from .routers import audit, examples, forget, health, influence, jobs, stats
+from .routers import audit, drift, examples, forget, health, influence, jobs, stats
 from .security import key_digests, require_api_key
 from .settings import Settings
 
@@ -54,7 +54,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(health.router)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
-    for module in (stats, examples, influence, forget, jobs, audit):
+    for module in (stats, examples, influence, forget, jobs, audit, drift):
         v1.include_router(module.router)
     app.include_router(v1)
     return app

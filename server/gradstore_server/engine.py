@@ -302,6 +302,12 @@ class Engine:
                 raise ApiError(503, "degraded", f"{self.degraded}; the audit chain is checked after the restart")
             return verify_audit_chain(self.store, weights_hash=snap.model_hash).to_dict()
 
+    def drift(self) -> dict[str, Any] | None:
+        """The store's drift budget read on the published weights (None without one)."""
+        with self.reading() as snap:
+            reading = snap.unlearner.drift()
+        return None if reading is None else json_safe(reading.to_dict())
+
     def id_hash(self, example_id: Any) -> str:
         return self.store.id_hash(example_id)
 

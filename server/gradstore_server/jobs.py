@@ -55,7 +55,7 @@ PENDING = ("queued", "running", "interrupted")  # the job may still change the m
 TERMINAL = ("completed", "failed", "rolled_back")
 RESULT_FIELDS = ("status", "target_loss", "forget_loss_before", "forget_loss_after", "retain_loss_before",
                  "retain_loss_after", "retain_change", "scale", "iterations", "evaluations", "model_hash_before",
-                 "model_hash_after", "erasure_receipt", "seconds", "message", "examples")
+                 "model_hash_after", "drift", "erasure_receipt", "seconds", "message", "examples")
 
 
 def result_of(report: ForgetReport) -> dict[str, Any]:

@@ -227,6 +227,29 @@ class ForgetExample(_Out):
     owned_tokens: int = Field(description="tokens at least half of whose stored examples the request forgets")
 
 
+class DriftReading(_Out):
+    budget: float = Field(description="the fraction the retained examples' loss (and perplexity) may rise over all "
+                                      "forget requests together")
+    kind: Literal["perplexity", "loss"]
+    baseline_model_hash: str = Field(description="the model the budget was set on")
+    members: int = Field(description="panel examples measured (still stored, not being forgotten)")
+    baseline_loss: float = Field(description="their mean loss on the baseline model (nats)")
+    loss: float = Field(description="their mean loss on the model read (nats)")
+    change: float = Field(description="the change since the baseline, as the budget reads it (a fraction)")
+    remaining_nats: float = Field(description="the rise of mean loss the budget has left (negative: overspent)")
+
+
+class DriftChange(_Out):
+    before: DriftReading = Field(description="on the model the request started from")
+    after: DriftReading = Field(description="on the model it left")
+
+
+class DriftStatus(_Out):
+    drift: DriftReading | None = Field(description="the store's drift budget read on the weights served; null "
+                                                   "when the store has none (each request is bounded by its own "
+                                                   "retain guard only)")
+
+
 class ForgetResult(_Out):
     status: Literal["forgotten", "target_not_met", "dry_run", "nothing_to_do"]
     n_ids: int = Field(description="live IDs the request acted on (forgotten if status is 'forgotten')")
@@ -244,6 +267,8 @@ class ForgetResult(_Out):
     model_hash_after: str | None = Field(
         default=None, description="the weights the request left; for target_not_met a state that is never "
                                   "published (the next request starts from the published weights again)")
+    drift: DriftChange | None = Field(default=None, description="the store's drift budget before and after the "
+                                                                "request; null when the store has none")
     erasure_receipt: str | None = None
     seconds: float | None = None
     message: str | None = None

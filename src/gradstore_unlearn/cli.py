@@ -8,6 +8,7 @@
     gradstore find --store URI --model DIR --text T             fuzzy matching of stored examples
     gradstore influence --store URI --model DIR (--text T | --id ID) [--k N]
     gradstore audit --store URI [--model DIR]                   the forget audit log (and its hash chain)
+    gradstore drift --store URI --model DIR [--set F | --clear] the drift budget over all forget requests
     gradstore serve --store URI --model DIR                     the HTTP server
 
 Each command prints a table, or strict JSON with `--json` (values that were not measured, NaN in a report, are
@@ -326,6 +327,28 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0 if chain.whole else 4
 
 
+def cmd_drift(args: argparse.Namespace) -> int:
+    engine = _open_engine(args)
+    if args.clear:
+        engine.set_drift_budget(None)
+        reading = None
+    elif args.set is not None:
+        reading = engine.set_drift_budget(args.set, kind=args.kind, panel=args.panel)
+    else:
+        reading = engine.drift()
+    if reading is None:
+        _print(args, {"budget": None}, "the store has no drift budget" + (" (removed)" if args.clear else "")
+               + ": each forget request is bounded by its own retain guard only")
+        return 0
+    pairs = [("budget", f"+{100 * reading.budget:.2f}% ({reading.kind})"),
+             ("baseline model", reading.baseline_model_hash[:16]), ("panel examples", reading.members),
+             ("panel loss at the baseline", reading.baseline_loss), ("panel loss now", reading.loss),
+             ("change since the baseline", f"{100 * reading.change:+.2f}%"),
+             ("left (nats of mean loss)", reading.remaining)]
+    _print(args, reading.to_dict(), format_pairs(pairs, title="drift budget" + (" set" if args.set else "")))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -438,6 +461,22 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--json", action="store_true")
     _add_store_options(audit)
     audit.set_defaults(func=cmd_audit)
+
+    drift = sub.add_parser("drift", help="the store's drift budget: how far all forget requests together may move "
+                                         "the retained examples' loss")
+    drift.add_argument("--store", required=True)
+    drift.add_argument("--model", required=True, help="the model directory (the panel is read on it)")
+    change = drift.add_mutually_exclusive_group()
+    change.add_argument("--set", type=_fraction(allow_zero=False), default=None, metavar="FRACTION",
+                        help="set the budget (0.05 is 5%%), with this model as the baseline")
+    change.add_argument("--clear", action="store_true", help="remove the budget")
+    drift.add_argument("--kind", default="perplexity", choices=["perplexity", "loss"],
+                       help="with --set: what the budget bounds (perplexity: the loss and perplexity both)")
+    drift.add_argument("--panel", type=_int_at_least(1), default=128,
+                       help="with --set: how many retained examples measure it")
+    drift.add_argument("--json", action="store_true")
+    _add_store_options(drift)
+    drift.set_defaults(func=cmd_drift)
 
     try:
         from gradstore_server.cli import add_serve_command

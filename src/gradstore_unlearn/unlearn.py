@@ -41,6 +41,9 @@ retained records, which share the forgotten records' rows (benchmarks/guard_tole
 A request that stops short leaves its change in the model (in memory); the next request starts from there, and
 its commit saves that change too, so the commit names it (`ForgetReport.carries`, kept in the audit record): the
 model hashes chain from the trained model to the weights on disk.
+
+Each request's guard is measured from the model it starts on, so requests in a row add up; a drift budget kept in
+the store (`set_drift_budget`, drift.py) bounds the sum: each request's guard gets at most the rise it has left.
 """
 
 from __future__ import annotations
@@ -71,6 +74,14 @@ from gradstore._encoding import normalize_id
 from gradstore_kernels import ascent_score, topk_influence
 
 from .capture import is_later_epoch_record
+from .drift import (
+    DriftReading,
+    allowed_rise,
+    drop_from_panel,
+    load_drift_budget,
+    new_drift_budget,
+    write_drift_budget,
+)
 from .evaluate import context_length, sequence_losses
 from .fuzzy import Match, ShingleIndex
 from .gradients import embedding_gradient, inverse_hvp, retain_fisher, sparse_rows
@@ -205,9 +216,13 @@ class ForgetReport:
     model_hash_after: str | None = None
     # Earlier requests of this engine that stopped short (target_not_met) and left their changes in the model this
     # request started from: a commit saves those changes too, so its audit record names them, oldest first, each
-    # {"request_id", "status", "model_hash_before", "model_hash_after", and the forget and retain losses before
-    # and after}: the chain of model hashes stays whole, and the damage they did is on record.
+    # {"request_id", "status", "id_hashes" (the salted hashes of the IDs it acted on), "model_hash_before",
+    # "model_hash_after", and the forget and retain losses before and after}: the chain of model hashes stays whole,
+    # and the damage they did is on record.
     carries: list[dict[str, Any]] = field(default_factory=list)
+    # The store's drift budget (drift.py), if it has one: {"before": DriftReading.to_dict() on the model the request
+    # started from, "after": on the model it left}, both without the request's own examples. None without a budget.
+    drift: dict[str, Any] | None = None
     erasure_receipt: str | None = None
     seconds: float = 0.0
     message: str = ""
@@ -241,9 +256,17 @@ class ForgetReport:
             ("scale", self.scale), ("iterations", self.iterations), ("loss evaluations", self.evaluations),
             ("model hash after", (self.model_hash_after or "-")[:16]),
             ("carries changes of", ", ".join(c["request_id"] for c in self.carries) or "-"),
+            ("drift budget", self._drift_summary()),
             ("erasure receipt", self.erasure_receipt),
             ("seconds", round(self.seconds, 2)), ("note", self.message or "-"),
         ])
+
+    def _drift_summary(self) -> str:
+        if not self.drift:
+            return "-"
+        before, after = self.drift["before"], self.drift["after"]
+        return (f"{100 * before['change']:+.2f}% -> {100 * after['change']:+.2f}% of +{100 * after['budget']:.2f}% "
+                f"({after['kind']}, since model {after['baseline_model_hash'][:12]})")
 
     def below_target(self) -> list[int]:
         """Positions in `ids` of the examples whose loss ended below their own target band, furthest first."""
@@ -566,10 +589,7 @@ class Unlearner:
         if self._retain is not None:
             pool = list(self._retain)
         else:
-            # Sorted: the store's commit order depends on which capture thread wrote which batch, and the
-            # guard sample must not (the same request on the same model and data must decide the same way).
-            ids = sorted((i for i in self.store.ids() if i not in exclude and not self._is_epoch_copy(i)),
-                         key=lambda i: (isinstance(i, str), i))
+            ids = self._retained_ids(exclude)
             pool = self.store.get_sequences(ids) if ids else []
         pool = [s for s in pool if len(s) >= 2]
         if len(pool) < 2:  # all of it judges: a pool that also repaired or preconditioned would not be unseen
@@ -594,6 +614,63 @@ class Unlearner:
         weights = [size / total / len(sample) for sample, size in strata for _ in sample]
         guard = _GuardSample([pool[j] for j in guard_risk + guard_rest], torch.tensor(weights, dtype=torch.float64))
         return [pool[j] for j in repair], guard
+
+    def _retained_ids(self, exclude: set[Any]) -> list[Any]:
+        """The store's examples less `exclude` and later-epoch copies, sorted: the store's commit order depends on
+        which capture thread wrote which batch, and samples drawn from this must not (the same request on the same
+        model and data must decide the same way)."""
+        return sorted((i for i in self.store.ids() if i not in exclude and not self._is_epoch_copy(i)),
+                      key=lambda i: (isinstance(i, str), i))
+
+    # ---------------------------------------------------------------------------------------- drift budget
+    def set_drift_budget(self, budget: float | None, *, kind: str = "perplexity", panel: int = 128
+                         ) -> DriftReading | None:
+        """Bound the retained examples' drift over every later request together (drift.py); None removes it.
+
+        The baseline is the model as it is now: `panel` retained examples drawn at random (config.seed), each
+        one's loss read on it. Replaces any budget the store had. Returns the reading on this model (no drift).
+        """
+        if budget is None:
+            with self.commit_lock():
+                write_drift_budget(self.store, None)
+            return None
+        if isinstance(panel, bool) or not isinstance(panel, int) or panel < 1:
+            raise InvalidInputError(f"panel must be an integer >= 1, got {panel!r}")
+        new_drift_budget(budget, kind, "-", {"-": 0.0})  # the arguments are checked before any work
+        # Under the commit lock: a commit in progress would otherwise prune the panel it replaces, or the baseline
+        # would be read on weights about to change.
+        with self.commit_lock():
+            if self.model_dir is not None and weights_fingerprint(self.model_dir) != self._weights_seen:
+                raise ForgetError(f"the weights in {self.model_dir} were replaced since this engine read them "
+                                  "(another process committed a forget?): load the model again, then set the budget")
+            ids = self._retained_ids(set())
+            chosen = random.Random(self.config.seed).sample(ids, min(panel, len(ids)))
+            sequences = self.store.get_sequences(chosen) if chosen else []
+            kept = [(i, s) for i, s in zip(chosen, sequences, strict=True) if len(s) >= 2]
+            losses = self._losses([s for _, s in kept]).tolist() if kept else []
+            drift = new_drift_budget(budget, kind, model_hash(self.model),
+                                     {self.store.id_hash(i): loss for (i, _), loss in zip(kept, losses, strict=True)})
+            write_drift_budget(self.store, drift)
+        return self.drift()
+
+    def drift(self, exclude: Iterable[Any] = ()) -> DriftReading | None:
+        """The store's drift budget read on the model as it is (None without a budget): the panel members still
+        stored, less `exclude` (a request's own examples) and the examples of requests whose uncommitted changes
+        the model holds: their loss is meant to rise."""
+        budget = load_drift_budget(self.store)
+        if budget is None:
+            return None
+        excluded = {self.store.id_hash(i) for i in exclude} | {h for c in self._uncommitted for h in c["id_hashes"]}
+        members = [(i, h) for i in self.store.ids() if (h := self.store.id_hash(i)) in budget.panel
+                   and h not in excluded]
+        if not members:
+            raise ForgetError("the store's drift budget has no panel member left to measure it (every one is "
+                              "forgotten, or being forgotten): set the budget again to draw a new panel "
+                              "(gradstore drift --set)")
+        sequences = self.store.get_sequences([i for i, _ in members])
+        now = float(self._losses(sequences).mean())
+        baseline = float(np.mean([budget.panel[h] for _, h in members]))
+        return DriftReading(budget.budget, budget.kind, budget.model_hash, len(members), baseline, now)
 
     def _guard_loss(self, guard: _GuardSample) -> float:
         """The guard's estimate of the mean loss over every retained example (0.0 without a guard)."""
@@ -736,6 +813,7 @@ class Unlearner:
             if report.model_hash_after != report.model_hash_before:
                 # Left at its best admissible point (in memory only): the next commit saves this change too.
                 self._uncommitted.append({"request_id": request_id, "status": report.status,
+                                          "id_hashes": [self.store.id_hash(i) for i in present],
                                           "model_hash_before": report.model_hash_before,
                                           "model_hash_after": report.model_hash_after,
                                           **{name: getattr(report, name) for name in CARRIED_METRICS}})
@@ -795,8 +873,14 @@ class Unlearner:
             target, float(forget_before.mean()), retain_before)
         # The guard bounds both the retain loss (by the fraction) and the retain perplexity (by the same
         # fraction): whichever is stricter. For losses above 1 nat that is the perplexity.
-        limit = retain_before + (min(cfg.retain_tolerance * retain_before, math.log1p(cfg.retain_tolerance))
-                                 if cfg.guard == "perplexity" else cfg.retain_tolerance * retain_before)
+        limit = retain_before + allowed_rise(cfg.guard, cfg.retain_tolerance, retain_before)
+        # The store's drift budget, if any, gives the guard no more than the rise it has left over all requests.
+        drift = self.drift(ids)
+        spent = drift is not None and drift.remaining <= 0
+        budget_binds = drift is not None and bool(retain) and drift.remaining < limit - retain_before
+        if budget_binds:
+            limit = retain_before + max(drift.remaining, 0.0)
+        evaluations += drift is not None
         # In iterative mode the stored step may spend only a quarter of the guard's budget: the fresh steps that
         # follow need room to work in (measured: a stored step that spends it all leaves them stuck).
         stored_limit = limit if mode == "first_epoch" else retain_before + (limit - retain_before) / 4
@@ -844,9 +928,9 @@ class Unlearner:
             evaluations += 2
             return float(self._losses(sequences).mean()), self._guard_loss(retain)
 
-        if self._reached(float(forget_before.mean()), target):
+        if self._reached(float(forget_before.mean()), target) or spent:
             # Already as unknown as never-seen examples (a record the model never learned): no step at all;
-            # forgetting is then the erasure alone.
+            # forgetting is then the erasure alone. Or no drift left to spend: no step either.
             scale, (f, r) = 0.0, (float(forget_before.mean()), retain_before)
         else:
             scale, (f, r) = self._search(apply, target, admissible, cfg.initial_scale)
@@ -854,7 +938,7 @@ class Unlearner:
         report.iterations = 1
         targets = torch.full_like(forget_before, target)
         # --- iterative: fresh gradients on the current model, each example toward its own target ---------
-        if mode == "iterative" and not self._reached(f, target):
+        if mode == "iterative" and not self._reached(f, target) and not spent:
             f, r, iterations, more, targets = self._iterate(sequences, repair, retain, holdout, limit, ownership,
                                                             params, precondition)
             report.iterations += iterations
@@ -866,6 +950,9 @@ class Unlearner:
         f = float(forget_after.mean())
         evaluations += 1
         report.forget_loss_after, report.retain_loss_after = f, r
+        if drift is not None:
+            report.drift = {"before": drift.to_dict(), "after": self.drift(ids).to_dict()}
+            evaluations += 1
         report.evaluations = evaluations
         shares = self._token_shares(sequences)
         for s, before, after, goal in zip(sequences, forget_before, forget_after, targets, strict=True):
@@ -884,10 +971,14 @@ class Unlearner:
                               f"{'within' if guarded else 'beyond'} the guard (limit {limit:.4f}); not committed: the "
                               "step stays in the model in memory only" + ("" if guarded and within else
                               ", and this engine refuses further requests until the weights are loaded again"))
+        elif spent:
+            report.message = (f"the store's drift budget is spent ({drift.describe()}): no step taken; raise the "
+                              "budget (gradstore drift --set) or retrain the model" + _shortfall(report))
         else:
-            report.message = (f"target loss {target:.4f} not reached within the retain guard "
-                              f"(+{100 * cfg.retain_tolerance:.1f}%): stopped at forget loss {f:.4f}, the best "
-                              f"admissible point" + ("; try mode='iterative'" if mode == "first_epoch" else "")
+            bound = (f"the store's drift budget ({drift.describe()} before this request)" if budget_binds
+                     else f"the retain guard (+{100 * cfg.retain_tolerance:.1f}%)")
+            report.message = (f"target loss {target:.4f} not reached within {bound}: stopped at forget loss {f:.4f}, "
+                              f"the best admissible point" + ("; try mode='iterative'" if mode == "first_epoch" else "")
                               + _shortfall(report))
         # A calibrated search only keeps admissible states (a guard measured again may differ by rounding).
         return cfg.calibrate or (guarded and within)
@@ -1181,6 +1272,9 @@ class Unlearner:
             # Erased before a crash that came before the receipt was journaled: the tombstones keep it.
             tombstone = self.store.tombstone(entry["keys"][0])
             entry["report"]["erasure_receipt"] = tombstone.get("receipt") if tombstone else None
+        # The drift budget's panel forgets them too (their loss is meant to rise, and nothing of a forgotten
+        # example stays behind); after the erasure, so a replay after a crash anywhere here repeats it.
+        drop_from_panel(self.store, set(entry["keys"]))
         audit = {"kind": "forget", "request_id": entry["request_id"], "time": time.time(),
                  "id_hashes": entry["report"]["ids"], "model_hash_before": entry["model_hash_before"],
                  "model_hash_after": entry["model_hash_after"], "carries": entry["report"].get("carries") or [],
@@ -1190,7 +1284,7 @@ class Unlearner:
                                     "retain_loss": entry["report"].get("retain_loss_before")},
                  "metrics_after": {"forget_loss": entry["report"].get("forget_loss_after"),
                                    "retain_loss": entry["report"].get("retain_loss_after")},
-                 "target_loss": entry["report"].get("target_loss"),
+                 "target_loss": entry["report"].get("target_loss"), "drift": entry["report"].get("drift"),
                  "erasure_receipt": entry["report"].get("erasure_receipt")}
         # Named in the entry (older entries have no name: at worst a repeat there writes a second record).
         self.store.append_audit(audit, name=entry.get("audit_name"))

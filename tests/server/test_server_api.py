@@ -11,12 +11,13 @@ import torch
 from server_support import API_KEY, OTHER_KEY, SLOW_FORGET, build_template, copy_template, wait_job
 
 from gradstore import GradStore
+from gradstore_unlearn.drift import load_drift_budget
 from gradstore_unlearn.train import load_model
-from gradstore_unlearn.unlearn import model_hash
+from gradstore_unlearn.unlearn import Unlearner, model_hash
 
 V1_ROUTES = [("get", "/v1/stats", None), ("get", "/v1/examples/1", None), ("post", "/v1/influence", {"id": 1}),
              ("post", "/v1/forget", {"ids": [1]}), ("get", "/v1/jobs/" + "0" * 32, None), ("get", "/v1/audit", None),
-             ("get", "/v1/audit/chain", None)]
+             ("get", "/v1/audit/chain", None), ("get", "/v1/drift", None)]
 
 
 def assert_error(response, status: int, code: str | None = None) -> dict:
@@ -405,6 +406,7 @@ def test_openapi_documents_every_response(client):
         ("get", "/v1/jobs/{job_id}"): {"200", "401", "404", "422", "500", "503"},
         ("get", "/v1/audit"): {"200", "401", "422", "500", "503"},
         ("get", "/v1/audit/chain"): {"200", "401", "500", "503"},
+        ("get", "/v1/drift"): {"200", "401", "422", "500", "503"},
     }
     found = {(m, p): set(op["responses"]) for p, ops in schema["paths"].items() for m, op in ops.items()}
     assert found == expected
@@ -479,3 +481,23 @@ def test_later_epoch_records_are_not_examples(all_epochs, tmp_path, capsys):
     found = [m["id"] for m in json.loads(capsys.readouterr().out)]
     assert found[0] == 3 and len(found) == len(set(found))
     assert not any(is_later_epoch_record(i) for i in found)
+
+
+# ---------------------------------------------------------------------------------------------- drift
+def test_the_drift_budget_set_on_the_store_is_read_and_honoured(client, workspace):
+    assert client.get("/v1/drift").json() == {"drift": None}
+    # Set from the command line's library call on the same store and the weights the server serves.
+    model, tokenizer = load_model(workspace.model)
+    store = GradStore.open(workspace.store)
+    Unlearner(model, store, tokenizer=tokenizer, model_dir=workspace.model
+              ).set_drift_budget(5.0, kind="loss", panel=8)  # as generous as the tests' guard: it commits
+    in_panel = store.id_hash(10) in load_drift_budget(store).panel
+    drift = client.get("/v1/drift").json()["drift"]
+    assert drift["budget"] == 5.0 and drift["kind"] == "loss" and drift["members"] == 8
+    assert drift["change"] == 0 and drift["baseline_model_hash"] == client.get("/v1/stats").json()["model"]["hash"]
+    done = wait_job(client, forget(client, {"ids": [10], "mode": "iterative"})["job_id"])
+    result = done["result"]
+    assert result["status"] == "forgotten"
+    assert result["drift"]["before"]["change"] == 0 and result["drift"]["after"]["budget"] == 5.0
+    assert client.get("/v1/audit").json()["items"][-1]["drift"] == result["drift"]
+    assert client.get("/v1/drift").json()["drift"]["members"] == 8 - in_panel

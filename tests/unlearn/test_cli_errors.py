@@ -387,3 +387,21 @@ def test_demo_json_prints_only_json_on_stdout(monkeypatch, tmp_path, capsys):
     assert "Does it forget?" in err
     code, out, _ = run(capsys, "demo", "--out", tmp_path / "demo")
     assert code == 0 and "Does it forget?" in out
+
+
+def test_drift_shows_sets_and_clears_the_stores_budget(ws, capsys):
+    where = ("--store", ws / "store", "--model", ws / "model")
+    code, out, _ = run(capsys, "drift", *where, "--json")
+    assert code == 0 and strict_json(out) == {"budget": None}
+    code, out, _ = run(capsys, "drift", *where, "--set", "0.05", "--panel", "8", "--json")
+    doc = strict_json(out)
+    assert code == 0 and doc["budget"] == 0.05 and doc["kind"] == "perplexity" and doc["members"] == 8
+    assert doc["change"] == 0
+    code, out, _ = run(capsys, "drift", *where)
+    assert code == 0 and "+5.00% (perplexity)" in out and "change since the baseline" in out and "+0.00%" in out
+    code, out, _ = run(capsys, "drift", *where, "--clear")
+    assert code == 0 and "no drift budget (removed)" in out
+    assert strict_json(run(capsys, "drift", *where, "--json")[1]) == {"budget": None}
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["drift", *map(str, where), "--set", "0"])
+    assert exit_.value.code == 2 and "must lie in (0, 1]" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from forget_setup import VOCAB, World, build_world, record, tiny_model
+from forget_setup import VOCAB, record, tiny_model
 
 from gradstore import ErasedError, GradStore, InvalidInputError, UnknownIdError
 from gradstore_unlearn.evaluate import sequence_losses, token_logprobs
@@ -41,19 +41,6 @@ class SpaceTokenizer:
 
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": [int(t) for t in text.split()]}
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return build_world(tmp_path_factory.mktemp("world") / "store")
-
-
-@pytest.fixture
-def world(built, tmp_path):
-    """A private copy of the trained model and its store, so that each test may forget freely."""
-    shutil.copytree(built.store.uri, tmp_path / "store")
-    return World(copy.deepcopy(built.model), GradStore.open(tmp_path / "store"), built.train, built.holdout,
-                 built.judge)
 
 
 def secret_logprob(model, sequences) -> float:
@@ -821,7 +808,8 @@ def test_a_commit_names_the_uncommitted_changes_it_saves_so_the_hash_chain_stays
     unlearner.config = LENIENT
     done = unlearner.forget(["r1"], mode="iterative", request_id="done")
     assert done.status == "forgotten", done.message
-    assert done.carries == [{"request_id": "short", "status": "target_not_met", "model_hash_before": trained,
+    assert done.carries == [{"request_id": "short", "status": "target_not_met",
+                             "id_hashes": [world.store.id_hash("r0")], "model_hash_before": trained,
                              "model_hash_after": short.model_hash_after,
                              "forget_loss_before": short.forget_loss_before,
                              "forget_loss_after": short.forget_loss_after,

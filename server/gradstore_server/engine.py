@@ -304,8 +304,13 @@ class Engine:
 
     def drift(self) -> dict[str, Any] | None:
         """The store's drift budget read on the published weights (None without one)."""
-        with self.reading() as snap:
-            reading = snap.unlearner.drift()
+        # Under the autograd lock: a gradient taken beside it (influence by text) hooks the shared model's embedding,
+        # and a forward without grad through that hook fails.
+        with self.reading() as snap, self._autograd:
+            try:
+                reading = snap.unlearner.drift()
+            except ForgetError as err:  # no panel member left: the budget cannot be read until it is set again
+                raise ApiError(409, "drift_unmeasurable", str(err)) from None
         return None if reading is None else json_safe(reading.to_dict())
 
     def id_hash(self, example_id: Any) -> str:

@@ -93,6 +93,17 @@ def _fraction(*, allow_zero: bool) -> Any:
     return parse
 
 
+def _budget(text: str) -> float:
+    """A drift budget: a fraction above 0 and below 10 (the library's range)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 10:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be above 0 and below 10 (0.05 is 5%), got {text}")
+    return value
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from gradstore import GradStore
 
@@ -329,11 +340,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_drift(args: argparse.Namespace) -> int:
     engine = _open_engine(args)
+    if args.set is None and (args.kind is not None or args.panel is not None or args.keep_baseline):
+        raise ValueError("--kind, --panel and --keep-baseline go with --set")
     if args.clear:
         engine.set_drift_budget(None)
         reading = None
     elif args.set is not None:
-        reading = engine.set_drift_budget(args.set, kind=args.kind, panel=args.panel)
+        if args.keep_baseline and args.panel is not None:
+            raise ValueError("--keep-baseline keeps the panel: --panel cannot go with it")
+        reading = engine.set_drift_budget(args.set, kind=args.kind or "perplexity", panel=args.panel or 128,
+                                          keep_baseline=args.keep_baseline)
     else:
         reading = engine.drift()
     if reading is None:
@@ -467,13 +483,17 @@ def build_parser() -> argparse.ArgumentParser:
     drift.add_argument("--store", required=True)
     drift.add_argument("--model", required=True, help="the model directory (the panel is read on it)")
     change = drift.add_mutually_exclusive_group()
-    change.add_argument("--set", type=_fraction(allow_zero=False), default=None, metavar="FRACTION",
+    change.add_argument("--set", type=_budget, default=None, metavar="FRACTION",
                         help="set the budget (0.05 is 5%%), with this model as the baseline")
     change.add_argument("--clear", action="store_true", help="remove the budget")
-    drift.add_argument("--kind", default="perplexity", choices=["perplexity", "loss"],
-                       help="with --set: what the budget bounds (perplexity: the loss and perplexity both)")
-    drift.add_argument("--panel", type=_int_at_least(1), default=128,
-                       help="with --set: how many retained examples measure it")
+    drift.add_argument("--keep-baseline", action="store_true",
+                       help="with --set: change only the fraction (and --kind), keeping the panel, the baseline and "
+                            "the drift spent since")
+    drift.add_argument("--kind", default=None, choices=["perplexity", "loss"],
+                       help="with --set: what the budget bounds (perplexity, the default: the loss and perplexity "
+                            "both)")
+    drift.add_argument("--panel", type=_int_at_least(1), default=None,
+                       help="with --set: how many retained examples measure it (default 128)")
     drift.add_argument("--json", action="store_true")
     _add_store_options(drift)
     drift.set_defaults(func=cmd_drift)

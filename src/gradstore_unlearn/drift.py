@@ -8,14 +8,18 @@ command line, server -- honours the same one:
 - a *panel* of retained examples drawn at random when the budget is set, with each one's loss on the model as it
   was then (the *baseline*, whose model hash is kept beside it). Members are named by salted ID hash, as tombstones
   and audit records name IDs; a member that is later forgotten is dropped from the panel by that request's commit
-  (its loss is meant to rise, and nothing of a forgotten example should stay behind);
+  (its loss is meant to rise, and its hash and loss should not stay behind), and so is one whose stopped-short
+  change the commit saved (asked for too);
 - the budget: the panel's mean loss may rise by at most this fraction over the baseline (kind "loss"), or its
   perplexity and its loss both may (kind "perplexity", as the per-request guard reads it).
 
 A request reads the panel on the model it starts from (one forward pass over the panel) and its guard gets what is
 left: its own limit or the budget's remaining rise, whichever is smaller. Both are nats of the mean loss over the
 retained examples -- the guard's stratified sample and the panel's random one estimate the same mean -- so the rise
-left on one carries over to the other. When nothing is left, the request takes no step and says so.
+left on one carries over to the other. The guard's sample is what holds a request to it, so the panel may read a
+little over the budget after the request that spends it (measured: +2.37% under 2%, +5.23% under 5%; the reports
+show both readings). When nothing is left, the request takes no step and says so. A request that would leave no
+panel member to read (it forgets the last ones) is refused: set the budget again.
 """
 
 from __future__ import annotations

@@ -69,14 +69,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradstore import GradStore, InvalidInputError, StoreLockedError, UnknownIdError
+from gradstore import FormatError, GradStore, InvalidInputError, StoreLockedError, UnknownIdError
 from gradstore._encoding import normalize_id
 from gradstore_kernels import ascent_score, topk_influence
 
 from .capture import is_later_epoch_record
 from .drift import (
+    DRIFT_BUDGET_KEY,
     DriftReading,
     allowed_rise,
+    check_budget,
     drop_from_panel,
     load_drift_budget,
     new_drift_budget,
@@ -551,6 +553,7 @@ class Unlearner:
         self.pad_token_id = int(pad_token_id)
         self._doc_freq: torch.Tensor | None = None
         self._index: ShingleIndex | None = None
+        self._id_hashes: dict[Any, str] = {}  # store.id_hash of IDs met (the salt is the store's, fixed)
         self._installed: str | None = None  # the last request whose after-state this process saved (or holds)
         # Requests that stopped short and left their changes in the model, since the last commit (ForgetReport.carries)
         self._uncommitted: list[dict[str, Any]] = []
@@ -623,12 +626,14 @@ class Unlearner:
                       key=lambda i: (isinstance(i, str), i))
 
     # ---------------------------------------------------------------------------------------- drift budget
-    def set_drift_budget(self, budget: float | None, *, kind: str = "perplexity", panel: int = 128
-                         ) -> DriftReading | None:
+    def set_drift_budget(self, budget: float | None, *, kind: str = "perplexity", panel: int = 128,
+                         keep_baseline: bool = False) -> DriftReading | None:
         """Bound the retained examples' drift over every later request together (drift.py); None removes it.
 
         The baseline is the model as it is now: `panel` retained examples drawn at random (config.seed), each
-        one's loss read on it. Replaces any budget the store had. Returns the reading on this model (no drift).
+        one's loss read on it; it replaces any budget the store had. `keep_baseline=True` changes only the
+        fraction and the kind of the store's budget, keeping its panel and baseline (and the drift since): to raise
+        a spent budget without forgetting what was spent. Returns the budget read on this model.
         """
         if budget is None:
             with self.commit_lock():
@@ -636,10 +641,22 @@ class Unlearner:
             return None
         if isinstance(panel, bool) or not isinstance(panel, int) or panel < 1:
             raise InvalidInputError(f"panel must be an integer >= 1, got {panel!r}")
-        new_drift_budget(budget, kind, "-", {"-": 0.0})  # the arguments are checked before any work
-        # Under the commit lock: a commit in progress would otherwise prune the panel it replaces, or the baseline
+        check_budget(budget, kind)  # the arguments are checked before any work
+        # Under the commit lock: a commit in progress would otherwise prune the panel this replaces, or the baseline
         # would be read on weights about to change.
         with self.commit_lock():
+            if keep_baseline:
+                current = load_drift_budget(self.store)
+                if current is None:
+                    raise InvalidInputError("the store has no drift budget whose baseline could be kept: set one")
+                current.budget, current.kind = float(budget), kind
+                write_drift_budget(self.store, current)
+                return self.drift()
+            if self._uncommitted or self._inadmissible is not None:
+                # The baseline must be weights the audit trail knows: these changes are on no disk and in no record.
+                pending = ", ".join(c["request_id"] for c in self._uncommitted) or self._inadmissible
+                raise ForgetError(f"the model holds uncommitted changes ({pending}): a baseline read on it would be "
+                                  "weights no record names; load the weights again (or commit a request) first")
             if self.model_dir is not None and weights_fingerprint(self.model_dir) != self._weights_seen:
                 raise ForgetError(f"the weights in {self.model_dir} were replaced since this engine read them "
                                   "(another process committed a forget?): load the model again, then set the budget")
@@ -649,9 +666,11 @@ class Unlearner:
             kept = [(i, s) for i, s in zip(chosen, sequences, strict=True) if len(s) >= 2]
             losses = self._losses([s for _, s in kept]).tolist() if kept else []
             drift = new_drift_budget(budget, kind, model_hash(self.model),
-                                     {self.store.id_hash(i): loss for (i, _), loss in zip(kept, losses, strict=True)})
+                                     {self._id_hash(i): loss for (i, _), loss in zip(kept, losses, strict=True)})
             write_drift_budget(self.store, drift)
-        return self.drift()
+        # Read from the losses just written: nothing that can fail comes after the write.
+        mean = float(np.mean(losses))
+        return DriftReading(drift.budget, drift.kind, drift.model_hash, len(losses), mean, mean)
 
     def drift(self, exclude: Iterable[Any] = ()) -> DriftReading | None:
         """The store's drift budget read on the model as it is (None without a budget): the panel members still
@@ -660,9 +679,8 @@ class Unlearner:
         budget = load_drift_budget(self.store)
         if budget is None:
             return None
-        excluded = {self.store.id_hash(i) for i in exclude} | {h for c in self._uncommitted for h in c["id_hashes"]}
-        members = [(i, h) for i in self.store.ids() if (h := self.store.id_hash(i)) in budget.panel
-                   and h not in excluded]
+        excluded = {self._id_hash(i) for i in exclude} | {h for c in self._uncommitted for h in c["id_hashes"]}
+        members = [(i, h) for i in self.store.ids() if (h := self._id_hash(i)) in budget.panel and h not in excluded]
         if not members:
             raise ForgetError("the store's drift budget has no panel member left to measure it (every one is "
                               "forgotten, or being forgotten): set the budget again to draw a new panel "
@@ -671,6 +689,13 @@ class Unlearner:
         now = float(self._losses(sequences).mean())
         baseline = float(np.mean([budget.panel[h] for _, h in members]))
         return DriftReading(budget.budget, budget.kind, budget.model_hash, len(members), baseline, now)
+
+    def _id_hash(self, example_id: Any) -> str:
+        """`store.id_hash`, remembered: a drift reading hashes every stored ID (an HMAC each, ~3 us)."""
+        found = self._id_hashes.get(example_id)
+        if found is None:
+            found = self._id_hashes[example_id] = self.store.id_hash(example_id)
+        return found
 
     def _guard_loss(self, guard: _GuardSample) -> float:
         """The guard's estimate of the mean loss over every retained example (0.0 without a guard)."""
@@ -972,8 +997,11 @@ class Unlearner:
                               "step stays in the model in memory only" + ("" if guarded and within else
                               ", and this engine refuses further requests until the weights are loaded again"))
         elif spent:
-            report.message = (f"the store's drift budget is spent ({drift.describe()}): no step taken; raise the "
-                              "budget (gradstore drift --set) or retrain the model" + _shortfall(report))
+            held = (f" ({len(self._uncommitted)} uncommitted change(s) of this engine spent part of it: loading the "
+                    "weights again drops them)" if self._uncommitted else "")
+            report.message = (f"the store's drift budget is spent ({drift.describe()}){held}: no step taken; raise "
+                              "it and keep its baseline (gradstore drift --set F --keep-baseline), set a new one on "
+                              "this model (gradstore drift --set F), or retrain the model" + _shortfall(report))
         else:
             bound = (f"the store's drift budget ({drift.describe()} before this request)" if budget_binds
                      else f"the retain guard (+{100 * cfg.retain_tolerance:.1f}%)")
@@ -1205,6 +1233,8 @@ class Unlearner:
                 raise ForgetError(f"the weights in {self.model_dir} were replaced since this engine read them "
                                   "(another process committed a forget?): committing would undo that; load the "
                                   "model again and repeat the request")
+            # A budget that cannot be read now would fail the finish after the weights are saved: refuse first.
+            load_drift_budget(self.store)
             # Named under the lock: audit records then sort in commit order, which the hash chain follows.
             entry["audit_name"] = self.store.audit_name()
             objects.write(journal_key, json.dumps(entry).encode())
@@ -1272,9 +1302,17 @@ class Unlearner:
             # Erased before a crash that came before the receipt was journaled: the tombstones keep it.
             tombstone = self.store.tombstone(entry["keys"][0])
             entry["report"]["erasure_receipt"] = tombstone.get("receipt") if tombstone else None
-        # The drift budget's panel forgets them too (their loss is meant to rise, and nothing of a forgotten
-        # example stays behind); after the erasure, so a replay after a crash anywhere here repeats it.
-        drop_from_panel(self.store, set(entry["keys"]))
+        # The drift budget's panel drops them, and the examples of the uncommitted changes this commit saved (their
+        # loss was meant to rise: counted as drift from now on, they would spend the budget on forgetting);
+        # after the erasure, so that a replay after a crash anywhere here repeats it.
+        carried = {h for c in entry["report"].get("carries") or [] for h in c.get("id_hashes", [])}
+        try:
+            drop_from_panel(self.store, set(entry["keys"]) | carried)
+        except FormatError as err:
+            # Checked before the commit, so damaged since: the budget cannot be honoured and may name the examples
+            # just erased, while the commit must finish (its weights are on disk).
+            log.error("request %s: %s; the drift budget is removed (set it again)", entry["request_id"], err)
+            self.store.objects.delete(DRIFT_BUDGET_KEY)
         audit = {"kind": "forget", "request_id": entry["request_id"], "time": time.time(),
                  "id_hashes": entry["report"]["ids"], "model_hash_before": entry["model_hash_before"],
                  "model_hash_after": entry["model_hash_after"], "carries": entry["report"].get("carries") or [],

@@ -406,7 +406,7 @@ def test_openapi_documents_every_response(client):
         ("get", "/v1/jobs/{job_id}"): {"200", "401", "404", "422", "500", "503"},
         ("get", "/v1/audit"): {"200", "401", "422", "500", "503"},
         ("get", "/v1/audit/chain"): {"200", "401", "500", "503"},
-        ("get", "/v1/drift"): {"200", "401", "422", "500", "503"},
+        ("get", "/v1/drift"): {"200", "401", "409", "500", "503"},
     }
     found = {(m, p): set(op["responses"]) for p, ops in schema["paths"].items() for m, op in ops.items()}
     assert found == expected
@@ -501,3 +501,38 @@ def test_the_drift_budget_set_on_the_store_is_read_and_honoured(client, workspac
     assert result["drift"]["before"]["change"] == 0 and result["drift"]["after"]["budget"] == 5.0
     assert client.get("/v1/audit").json()["items"][-1]["drift"] == result["drift"]
     assert client.get("/v1/drift").json()["drift"]["members"] == 8 - in_panel
+
+
+def test_a_drift_reading_waits_for_a_gradient_taken_beside_it(client, workspace):
+    """A gradient (influence by text) hooks the shared model's embedding; a forward without grad through that hook
+    would fail, so the reading takes the same lock."""
+    import threading
+
+    model, tokenizer = load_model(workspace.model)
+    Unlearner(model, GradStore.open(workspace.store), tokenizer=tokenizer, model_dir=workspace.model
+              ).set_drift_budget(0.05, panel=4)
+    engine = client.app.state.engine
+    answers = []
+    with engine._autograd:
+        reader = threading.Thread(target=lambda: answers.append(client.get("/v1/drift")))
+        reader.start()
+        reader.join(0.5)
+        assert answers == []  # still waiting for the gradient's lock
+    reader.join(30)
+    assert answers[0].status_code == 200 and answers[0].json()["drift"]["members"] == 4
+
+
+def test_a_drift_budget_with_no_panel_example_left_is_a_conflict(workspace):
+    from fastapi.testclient import TestClient
+
+    from gradstore_server import create_app
+
+    model, tokenizer = load_model(workspace.model)
+    store = GradStore.open(workspace.store)
+    Unlearner(model, store, tokenizer=tokenizer, model_dir=workspace.model).set_drift_budget(0.05, panel=1)
+    (member,) = [i for i in workspace.template.ids if store.id_hash(i) in load_drift_budget(store).panel]
+    # Erased outside any forget (a forget never takes the last member: it is refused): the panel still names it,
+    # and no stored example answers to it.
+    store.erase([member])
+    with TestClient(create_app(workspace.settings()), headers={"X-API-Key": API_KEY}) as client:
+        assert_error(client.get("/v1/drift"), 409, "drift_unmeasurable")

@@ -124,7 +124,9 @@ def test_a_slow_store_stalls_training_but_drops_nothing(tmp_path, monkeypatch):
     real_append = writer.append
 
     def slow_append(*args, **kwargs):
-        time.sleep(0.2)
+        # Far slower than a training step of this model, even on a loaded machine (at 0.2 s a busy 2-core runner
+        # trained as slowly as the store wrote, and nothing stalled).
+        time.sleep(0.5)
         return real_append(*args, **kwargs)
 
     monkeypatch.setattr(writer, "append", slow_append)

@@ -404,4 +404,18 @@ def test_drift_shows_sets_and_clears_the_stores_budget(ws, capsys):
     assert strict_json(run(capsys, "drift", *where, "--json")[1]) == {"budget": None}
     with pytest.raises(SystemExit) as exit_:
         cli.main(["drift", *map(str, where), "--set", "0"])
-    assert exit_.value.code == 2 and "must lie in (0, 1]" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "must be above 0 and below 10" in capsys.readouterr().err
+    code, _, err = run(capsys, "drift", *where, "--panel", "8")
+    assert code == 2 and "go with --set" in one_line_error(err)
+
+
+def test_drift_raises_a_budget_and_keeps_its_baseline(ws, capsys):
+    where = ("--store", ws / "store", "--model", ws / "model")
+    first = strict_json(run(capsys, "drift", *where, "--set", "0.05", "--panel", "8", "--json")[1])
+    code, out, _ = run(capsys, "drift", *where, "--set", "2.5", "--kind", "loss", "--keep-baseline", "--json")
+    kept = strict_json(out)
+    assert code == 0 and kept["budget"] == 2.5 and kept["kind"] == "loss"
+    assert (kept["members"], kept["baseline_model_hash"], kept["baseline_loss"]) == (
+        first["members"], first["baseline_model_hash"], first["baseline_loss"])
+    code, _, err = run(capsys, "drift", *where, "--set", "0.1", "--keep-baseline", "--panel", "4")
+    assert code == 2 and "keeps the panel" in one_line_error(err)

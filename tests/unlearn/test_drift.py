@@ -118,3 +118,59 @@ def test_a_budget_is_not_set_on_weights_another_process_has_replaced(world, tmp_
     with pytest.raises(ForgetError, match="were replaced since this engine read them"):
         stale.set_drift_budget(0.05)  # its baseline would be weights that are no longer the model's
     assert load_drift_budget(world.store) is None
+
+
+def test_a_baseline_is_never_read_on_uncommitted_changes(world):
+    unlearner = Unlearner(world.model, world.store)  # a 2% guard: the request stops short, its change in memory
+    assert unlearner.forget(["r5"]).status == "target_not_met"
+    with pytest.raises(ForgetError, match="uncommitted changes"):
+        unlearner.set_drift_budget(0.05)
+    assert load_drift_budget(world.store) is None
+
+
+def test_a_commit_drops_the_examples_of_the_changes_it_carries_from_the_panel(world):
+    # As in the engine's test of carried changes: a step within a 0.2% guard stops short, a lenient one commits.
+    unlearner = Unlearner(world.model, world.store, config=ForgetConfig(retain_tolerance=0.002))
+    unlearner.set_drift_budget(0.5, panel=40)
+    assert unlearner.forget(["r0"], request_id="short").status == "target_not_met"
+    unlearner.config = PER_REQUEST
+    done = unlearner.forget(["r1"], mode="iterative")
+    assert done.status == "forgotten" and [c["request_id"] for c in done.carries] == ["short"]
+    # r0 stays stored (it was not forgotten), but its raised loss was asked for: it no longer counts as drift, so
+    # the reading the commit recorded is the one the next request starts from.
+    panel = load_drift_budget(world.store).panel
+    assert world.store.id_hash("r0") not in panel and world.store.id_hash("r1") not in panel and "r0" in world.store
+    assert unlearner.drift().members == 38 == done.drift["after"]["members"]
+    assert unlearner.drift().change == pytest.approx(done.drift["after"]["change"])
+
+
+def test_a_budget_damaged_during_a_request_refuses_its_commit(world, monkeypatch):
+    unlearner = Unlearner(world.model, world.store, config=PER_REQUEST)
+    unlearner.set_drift_budget(0.5, panel=8)
+    calibrate = Unlearner._calibrate
+
+    def then_damage(self, *args):
+        admissible = calibrate(self, *args)
+        world.store.objects.write(DRIFT_BUDGET_KEY, b'{"format": 2}')  # say, a newer version's
+        return admissible
+
+    monkeypatch.setattr(Unlearner, "_calibrate", then_damage)
+    before = model_hash(world.model)
+    with pytest.raises(FormatError, match="not a drift budget"):
+        unlearner.forget(["r5"], mode="iterative")
+    assert model_hash(world.model) == before and "r5" in world.store and world.store.audit_log() == []
+
+
+def test_a_budget_damaged_during_a_commit_is_removed_and_the_commit_finishes(world, monkeypatch, caplog):
+    unlearner = Unlearner(world.model, world.store, config=PER_REQUEST)
+    unlearner.set_drift_budget(0.5, panel=8)
+    erase = GradStore.erase
+
+    def damage_then_erase(self, ids):
+        self.objects.write(DRIFT_BUDGET_KEY, b"not json")
+        return erase(self, ids)
+
+    monkeypatch.setattr(GradStore, "erase", damage_then_erase)
+    assert unlearner.forget(["r5"], mode="iterative").status == "forgotten"
+    assert "r5" not in world.store and len(world.store.audit_log()) == 1
+    assert load_drift_budget(world.store) is None and "the drift budget is removed" in caplog.text

@@ -13,7 +13,8 @@ from ..schemas import ErrorResponse
 _DESCRIPTIONS = {
     401: "missing or invalid API key",
     404: "unknown ID, job or route (the message names it)",
-    409: "conflict: the ID was erased, or the request id was used for another request",
+    409: "conflict: the ID was erased, the request id was used for another request, or the drift budget has no "
+         "panel example left to read it",
     413: "request body over the size limit",
     422: "malformed request: schema violation, or input the model or store cannot take",
     500: "internal error (a bug: bad input never causes one)",

@@ -14,7 +14,8 @@ from . import errors, get_engine
 router = APIRouter(tags=["drift"])
 
 
-@router.get("/drift", response_model=DriftStatus, responses=errors(401, 422, 500, 503), summary="The drift budget")
+@router.get("/drift", response_model=DriftStatus, responses=errors(401, 409, 500, 503), summary="The drift budget")
 def drift(engine: Engine = Depends(get_engine)) -> dict[str, Any]:
-    """One forward pass over the budget's panel on the weights served."""
+    """One forward pass over the budget's panel on the weights served. 409 `drift_unmeasurable` when every panel
+    example has been forgotten: set the budget again."""
     return {"drift": engine.drift()}

@@ -311,7 +311,10 @@ class AuditChain(_Out):
                                     "last one's weights are the ones served")
     commits: int
     carried: int = Field(description="uncommitted changes saved by a later commit (named in its record)")
-    first_hash: str | None = Field(description="the model the first audited change started from")
+    first_hash: str | None = Field(description="the model the chain starts from: the trained model's where training "
+                                               "recorded it, else the one the first audited change started from")
+    trained_hash: str | None = Field(description="the model the newest training with capture ended with (a "
+                                                 "`trained` audit record); null if none was recorded")
     last_hash: str | None = Field(description="the model the last commit saved")
     model_hash: str | None = Field(description="the weights served now")
     problems: list[str]

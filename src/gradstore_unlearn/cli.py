@@ -321,10 +321,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     store = GradStore.open(args.store, storage_options=_storage_options(args), read_only=True)
     records = store.audit_log()
-    rows = [(r.get("request_id"), r.get("mode"), len(r.get("id_hashes", [])), r.get("metrics_before", {}).get(
-        "forget_loss"), r.get("metrics_after", {}).get("forget_loss"), r.get("target_loss"),
-        (r.get("model_hash_after") or "")[:12], ", ".join(c["request_id"] for c in r.get("carries") or []) or "-",
-        r.get("erasure_receipt")) for r in records]
+    rows = [(r.get("request_id") or f"({r.get('kind')})", r.get("mode"), len(r.get("id_hashes", [])),
+             r.get("metrics_before", {}).get("forget_loss"), r.get("metrics_after", {}).get("forget_loss"),
+             r.get("target_loss"), (r.get("model_hash_after") or r.get("model_hash") or "")[:12],
+             ", ".join(c["request_id"] for c in r.get("carries") or []) or "-", r.get("erasure_receipt"))
+            for r in records]  # a `trained` record shows as "(trained)", with the trained model's hash
     table = format_table(["request", "mode", "ids", "loss before", "loss after", "target", "model after", "carries",
                           "receipt"], rows, title=f"{len(rows)} audit record(s)")
     if args.model is None:

@@ -204,3 +204,8 @@ class GradStoreCallback(TrainerCallback):
             capture, self.capture = self.capture, None
             self.report = capture.report  # also when close() raises: what was captured, and committed
             capture.close()
+            if getattr(state, "is_world_process_zero", True):
+                from .unlearn import record_trained_model  # (unlearn imports the capture, which this imports)
+
+                # The model as training left it (best checkpoint loaded, if asked): where the audit chain starts.
+                record_trained_model(self.store, self._model)

@@ -186,6 +186,10 @@ def train_model(model: transformers.PreTrainedModel, sequences: Sequence[Sequenc
     bar.close()
     report = capture.close() if capture is not None else None
     model.eval()
+    if store is not None and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        from .unlearn import record_trained_model  # (unlearn imports this module)
+
+        record_trained_model(store, model)  # where the forget audit chain starts
     seconds = time.perf_counter() - start
     return TrainResult(steps=len(losses), seconds=seconds, final_loss=sum(losses[-steps_per_epoch:]) /
                        max(1, len(losses[-steps_per_epoch:])), tokens_per_second=tokens / seconds,

@@ -419,7 +419,10 @@ class AuditChain:
 
     commits: int
     carried: int
-    first_hash: str | None  # the model the first audited change started from (the trained model, usually)
+    first_hash: str | None  # the model the chain starts from: the trained model's, if training recorded it
+    # The newest `trained` record's model hash (record_trained_model): None if training recorded none, and the
+    # chain then starts wherever the first forget started.
+    trained_hash: str | None
     last_hash: str | None  # the model the last commit saved
     model_hash: str | None  # of the model given, if any
     problems: list[str] = field(default_factory=list)
@@ -436,8 +439,10 @@ class AuditChain:
 
     def summary(self) -> str:
         """One line, then one per pending request and per problem: what `gradstore audit --model` prints."""
+        start = (f"the trained model {self.trained_hash[:16]}" if self.trained_hash else
+                 f"model {(self.first_hash or '-')[:16]} (no training record: compare it with the trained model's hash)")
         lines = [f"hash chain: {'whole' if self.whole else 'BROKEN'}: {self.commits} commit(s), {self.carried} "
-                 f"carried change(s), from model {(self.first_hash or '-')[:16]} to {(self.last_hash or '-')[:16]}"
+                 f"carried change(s), from {start} to {(self.last_hash or '-')[:16]}"
                  + (f"; model given: {self.model_hash[:16]}" if self.model_hash else "")]
         if self.pending:
             lines.append(f"  pending (weights saved, audit record not yet written): {', '.join(self.pending)}")
@@ -447,13 +452,20 @@ class AuditChain:
 def verify_audit_chain(store: GradStore, model: torch.nn.Module | None = None, *,
                        weights_hash: str | None = None) -> AuditChain:
     """Follow the model hashes of `store`'s forget audit records, oldest first (commits are serialised by the
-    store's commit lock and named in that order): each change must start from the model the one before it left,
+    store's commit lock and named in that order), from the trained model where training recorded it
+    (`record_trained_model`): each change must start from the model the one before it left (the first, from the
+    trained model),
     and, given `model` (or its `model_hash`, `weights_hash`), its weights must be the last commit's. A break
     means weights changed off the record."""
     problems: list[str] = []
-    first = previous = None
+    first = previous = trained = last = None  # last: the model the newest commit saved (none since training)
     commits = carried = 0
     for record in store.audit_log():
+        if record.get("kind") == "trained":
+            # Training (again) with capture: the chain goes on from the model it ended with.
+            trained = previous = record.get("model_hash")
+            first, last = first or trained, None
+            continue
         if record.get("kind") != "forget":
             continue
         commits += 1
@@ -463,10 +475,10 @@ def verify_audit_chain(store: GradStore, model: torch.nn.Module | None = None, *
             if first is None:
                 first = before
             elif before != previous:
+                source = "the trained model" if last is None else "the one the change before it left"
                 problems.append(f"request {link.get('request_id')} started from model {str(before)[:16]}, not "
-                                f"{str(previous)[:16]} (the one the change before it left): a change between "
-                                "them is not on record")
-            previous = after
+                                f"{str(previous)[:16]} ({source}): a change between them is not on record")
+            previous = last = after
     given = model_hash(model) if model is not None else weights_hash
     pending: list[str] = []
     if given is not None and given != previous:
@@ -484,12 +496,24 @@ def verify_audit_chain(store: GradStore, model: torch.nn.Module | None = None, *
                 if first is None:
                     first = links[0].get("model_hash_before")
                 pending.append(str(entry.get("request_id")))
-                previous = given
+                previous = last = given
                 break
     if given is not None and previous is not None and given != previous:
-        problems.append(f"the model's weights ({given[:16]}) are not the ones the last commit saved "
-                        f"({previous[:16]})")
-    return AuditChain(commits, carried, first, previous, given, problems, pending)
+        source = "the trained model's" if last is None else "the ones the last commit saved"
+        problems.append(f"the model's weights ({given[:16]}) are not {source} ({previous[:16]})")
+    return AuditChain(commits, carried, first, trained, last, given, problems, pending)
+
+
+def record_trained_model(store: GradStore, model: torch.nn.Module) -> str:
+    """Append a `trained` record (the model's hash) to the store's audit log: where the forget audit chain starts.
+
+    Called when training with capture ends (`train_model`, `GradStoreCallback`; a loop of your own calls it after
+    its last step). Without it the chain starts wherever the first forget started, which no record vouches for.
+    Training again into the store appends another: the chain goes on from the newest. Returns the hash.
+    """
+    digest = model_hash(model)
+    store.append_audit({"kind": "trained", "time": time.time(), "model_hash": digest})
+    return digest
 
 
 def save_reference_set(store: GradStore, sequences: Sequence[Sequence[int]]) -> None:

@@ -156,3 +156,8 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(60)
         self.sock.close()
+
+
+def forget_records(store) -> list[dict]:
+    """The store's audit records of committed forgets (training also writes one: `trained`, the chain's start)."""
+    return [r for r in store.audit_log() if r.get("kind") == "forget"]

@@ -224,8 +224,8 @@ def test_forget_job_lifecycle(client, workspace):
     assert sorted(records[-1]["id_hashes"]) == sorted(done["id_hashes"])
     chain = client.get("/v1/audit/chain").json()
     assert chain["whole"] and chain["problems"] == [] and chain["pending"] == [] and chain["carried"] == 0
-    assert chain["first_hash"] == before["model"]["hash"] and chain["last_hash"] == chain["model_hash"] == after[
-        "model"]["hash"]
+    assert chain["first_hash"] == chain["trained_hash"] == before["model"]["hash"]
+    assert chain["last_hash"] == chain["model_hash"] == after["model"]["hash"]
 
 
 def test_repeated_request_id_returns_the_original_job(client):
@@ -377,17 +377,19 @@ def test_unknown_job_is_404(client):
 
 # ---------------------------------------------------------------------------------------------- audit
 def test_audit_paging(client):
-    empty = client.get("/v1/audit").json()
-    assert empty == {"items": [], "offset": 0, "limit": 100, "total": 0, "next_offset": None}
+    start = client.get("/v1/audit").json()
+    # Training recorded the model it ended with: the one record before any forget.
+    assert [r["kind"] for r in start["items"]] == ["trained"] and start["total"] == 1
+    assert start["items"][0]["model_hash"] == client.get("/v1/stats").json()["model"]["hash"]
     results = []
     for ids in ([17], [18], [19]):
         results.append(wait_job(client, forget(client, {"ids": ids, "mode": "iterative"})["job_id"]))
     assert all(j["result"]["status"] == "forgotten" for j in results)
     page = client.get("/v1/audit", params={"limit": 2}).json()
-    assert page["total"] == 3 and len(page["items"]) == 2 and page["next_offset"] == 2
+    assert page["total"] == 4 and len(page["items"]) == 2 and page["next_offset"] == 2
     rest = client.get("/v1/audit", params={"offset": 2, "limit": 2}).json()
-    assert len(rest["items"]) == 1 and rest["next_offset"] is None
-    assert [r["request_id"] for r in page["items"] + rest["items"]] == [j["request_id"] for j in results]
+    assert len(rest["items"]) == 2 and rest["next_offset"] is None
+    assert [r["request_id"] for r in page["items"][1:] + rest["items"]] == [j["request_id"] for j in results]
     for params in ({"limit": 0}, {"limit": 1001}, {"offset": -1}, {"offset": "x"}, {"page": 2}):
         assert_error(client.get("/v1/audit", params=params), 422, "invalid_request")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from server_support import API_KEY, SLOW_FORGET
+from server_support import API_KEY, SLOW_FORGET, forget_records
 
 from gradstore import GradStore
 from gradstore_unlearn.train import load_model
@@ -117,7 +117,7 @@ def kill_during_forget(workspace, tmp_path: Path, delay: float) -> dict:
             got, expected = store.get(example_id), template.get(example_id)
             assert torch.equal(got.rows, expected.rows) and torch.equal(got.token_ids, expected.token_ids)
     assert len(store) == len(workspace.template.ids) - (len(FORGET) if moved else 0)
-    audit = store.audit_log()
+    audit = forget_records(store)
     assert [r["request_id"] for r in audit] == (["crash-1"] if moved else [])
     record = json.loads(store.objects.read(f"jobs/{job_id}.json"))
     assert "pending_ids" not in record

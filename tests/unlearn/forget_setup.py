@@ -54,3 +54,8 @@ def build_world(path, n_train: int = 40, n_holdout: int = 20, epochs: int = 60) 
     holdout = records[n_train:]
     save_reference_set(store, holdout[: n_holdout // 2])
     return World(model, store, train, holdout, holdout[n_holdout // 2 :])
+
+
+def forget_records(store) -> list[dict]:
+    """The store's audit records of committed forgets (training also writes one: `trained`, the chain's start)."""
+    return [r for r in store.audit_log() if r.get("kind") == "forget"]

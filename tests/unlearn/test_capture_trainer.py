@@ -50,8 +50,13 @@ def assert_rows_are_per_example(store, model, items):
 
 
 def test_trainer_and_plain_loop_write_the_same_store(tmp_path):
-    trained, report = run_trainer(tmp_path, "trainer")
+    from gradstore_unlearn.unlearn import model_hash
+
+    model = tiny_gpt2(seed=1)
+    trained, report = run_trainer(tmp_path, "trainer", model=model)
     assert report.examples_captured == len(DATA)
+    # The callback recorded the model training ended with: where the forget audit chain starts.
+    assert [(r["kind"], r["model_hash"]) for r in trained.audit_log()] == [("trained", model_hash(model))]
 
     model = tiny_gpt2(seed=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)

@@ -119,8 +119,8 @@ def test_json_output_is_strict(ws, capsys):
                         "metrics_after": {"forget_loss": float("inf"), "retain_loss": float("nan")}})
     code, out, _ = run(capsys, "audit", "--store", ws / "store", "--json")
     assert code == 0
-    (record,) = strict_json(out)
-    assert record["metrics_before"] == {"forget_loss": 1.0, "retain_loss": None}
+    trained, record = strict_json(out)  # training recorded the model it ended with, first
+    assert trained["kind"] == "trained" and record["metrics_before"] == {"forget_loss": 1.0, "retain_loss": None}
     assert record["metrics_after"] == {"forget_loss": None, "retain_loss": None}
     code, out, _ = run(capsys, "info", ws / "store", "--json")
     assert code == 0 and strict_json(out)["examples"] == 44
@@ -142,18 +142,23 @@ def test_audit_follows_the_hash_chain_to_the_saved_model(ws, capsys):
     from gradstore_unlearn.unlearn import model_hash
 
     on_disk = model_hash(load_model(ws / "model")[0])
+    code, out, _ = run(capsys, "audit", "--store", ws / "store", "--model", ws / "model", "--json")
+    chain = strict_json(out)["chain"]
+    # Nothing audited yet, and the weights on disk are the ones training recorded: nothing to break.
+    assert code == 0 and chain["whole"] and chain["commits"] == 0 and chain["trained_hash"] == on_disk
     code, out, _ = run(capsys, "audit", "--store", ws / "store", "--model", ws / "model")
-    assert code == 0 and "hash chain: whole: 0 commit(s)" in out  # nothing audited: nothing to break
+    assert code == 0 and f"hash chain: whole: 0 commit(s), 0 carried change(s), from the trained model {on_disk[:16]}" \
+        in out and "(trained)" in out
     store = GradStore.open(ws / "store")
-    store.append_audit({"kind": "forget", "request_id": "a", "id_hashes": [], "model_hash_before": "0" * 64,
+    store.append_audit({"kind": "forget", "request_id": "a", "id_hashes": [], "model_hash_before": on_disk,
+                        "model_hash_after": "2" * 64})
+    code, out, _ = run(capsys, "audit", "--store", ws / "store", "--model", ws / "model")
+    assert code == 4 and "hash chain: BROKEN" in out and "not the ones the last commit saved" in out
+    store.append_audit({"kind": "forget", "request_id": "b", "id_hashes": [], "model_hash_before": "2" * 64,
                         "model_hash_after": on_disk})
     code, out, _ = run(capsys, "audit", "--store", ws / "store", "--model", ws / "model", "--json")
     chain = strict_json(out)["chain"]
     assert code == 0 and chain["whole"] and chain["last_hash"] == chain["model_hash"] == on_disk
-    store.append_audit({"kind": "forget", "request_id": "b", "id_hashes": [], "model_hash_before": on_disk,
-                        "model_hash_after": "2" * 64})
-    code, out, _ = run(capsys, "audit", "--store", ws / "store", "--model", ws / "model")
-    assert code == 4 and "hash chain: BROKEN" in out and "not the ones the last commit saved" in out
 
 
 # ------------------------------------------------------------------------------------- paths, pipes

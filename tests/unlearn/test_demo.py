@@ -7,6 +7,7 @@ import logging
 from types import SimpleNamespace
 
 import pytest
+from forget_setup import forget_records
 
 from gradstore import GradStore
 from gradstore_unlearn import data, demo
@@ -43,8 +44,10 @@ def test_the_demo_runs_end_to_end_and_reports_what_it_measured(micro, tmp_path, 
             assert (key in store) == (request["status"] != "forgotten")
     # The audit chain: from the trained model, through every committed request (and the uncommitted changes each
     # commit carried), to the weights on disk.
-    chain = requests[0]["model_hash_before"]
-    for record in store.audit_log():
+    (trained,) = [r for r in store.audit_log() if r["kind"] == "trained"]  # recorded as training ended
+    chain = trained["model_hash"]
+    assert requests[0]["model_hash_before"] == chain == report["audit_chain"]["trained_hash"]
+    for record in forget_records(store):
         for link in [*record["carries"], record]:
             assert link["model_hash_before"] == chain
             chain = link["model_hash_after"]

@@ -6,7 +6,7 @@ import copy
 import shutil
 
 import pytest
-from forget_setup import World
+from forget_setup import World, forget_records
 
 from gradstore import FormatError, GradStore, InvalidInputError
 from gradstore_unlearn.drift import DRIFT_BUDGET_KEY, load_drift_budget
@@ -37,7 +37,7 @@ def test_a_drift_budget_bounds_what_the_requests_do_together(world, built, tmp_p
         assert report.status == "target_not_met" and report.model_hash_after == report.model_hash_before
         assert report.drift["before"]["remaining_nats"] <= 0
     committed = [r for r in reports if r.status == "forgotten"]
-    assert [a["drift"] for a in world.store.audit_log()] == [r.drift for r in committed]
+    assert [a["drift"] for a in forget_records(world.store)] == [r.drift for r in committed]
 
     # The same requests on another copy, under a budget too large to bind (the same panel: same seed and store):
     # the retained examples drift past what the budget allowed.
@@ -158,7 +158,7 @@ def test_a_budget_damaged_during_a_request_refuses_its_commit(world, monkeypatch
     before = model_hash(world.model)
     with pytest.raises(FormatError, match="not a drift budget"):
         unlearner.forget(["r5"], mode="iterative")
-    assert model_hash(world.model) == before and "r5" in world.store and world.store.audit_log() == []
+    assert model_hash(world.model) == before and "r5" in world.store and forget_records(world.store) == []
 
 
 def test_a_budget_damaged_during_a_commit_is_removed_and_the_commit_finishes(world, monkeypatch, caplog):
@@ -172,5 +172,5 @@ def test_a_budget_damaged_during_a_commit_is_removed_and_the_commit_finishes(wor
 
     monkeypatch.setattr(GradStore, "erase", damage_then_erase)
     assert unlearner.forget(["r5"], mode="iterative").status == "forgotten"
-    assert "r5" not in world.store and len(world.store.audit_log()) == 1
+    assert "r5" not in world.store and len(forget_records(world.store)) == 1
     assert load_drift_budget(world.store) is None and "the drift budget is removed" in caplog.text

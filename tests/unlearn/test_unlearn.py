@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from forget_setup import VOCAB, record, tiny_model
+from forget_setup import VOCAB, forget_records, record, tiny_model
 
 from gradstore import ErasedError, GradStore, InvalidInputError, UnknownIdError
 from gradstore_unlearn.evaluate import sequence_losses, token_logprobs
@@ -70,7 +70,7 @@ def test_iterative_forgetting_reaches_never_seen_levels_and_erases(world):
     # Erased, and audited with salted hashes only.
     with pytest.raises(ErasedError):
         world.store.get("r1")
-    (audit,) = world.store.audit_log()
+    (audit,) = forget_records(world.store)
     assert audit["request_id"] == report.request_id and "r1" not in json.dumps(audit)
     assert audit["id_hashes"] == [world.store.id_hash("r1")]
     assert audit["model_hash_after"] == model_hash(world.model) != audit["model_hash_before"]
@@ -454,7 +454,7 @@ def test_a_crash_between_renaming_the_weights_and_erasing_is_finished(world, tmp
     assert set(entry["weights"]) == {"model.safetensors"}  # the staged weights' digests, journaled before renaming
     again = restart(world, model_dir)
     assert again.store.is_erased("r1") and not again.store.objects.list_dir("forget-journal")
-    assert [r["request_id"] for r in again.store.audit_log()] == ["C"]
+    assert [r["request_id"] for r in forget_records(again.store)] == ["C"]
 
 
 def test_a_commit_whose_erasure_failed_is_finished_when_repeated(world, tmp_path, monkeypatch):
@@ -472,7 +472,7 @@ def test_a_commit_whose_erasure_failed_is_finished_when_repeated(world, tmp_path
     report = unlearner.forget(["r1"], mode="iterative", request_id="D")
     assert report.status == "forgotten" and model_hash(world.model) == after
     assert report.model_hash_before == before and report.erasure_receipt
-    audit = [r for r in world.store.audit_log() if r["request_id"] == "D"]
+    audit = [r for r in forget_records(world.store) if r["request_id"] == "D"]
     assert len(audit) == 1 and audit[0]["model_hash_before"] == before
     assert audit[0]["erasure_receipt"] == report.erasure_receipt
 
@@ -501,7 +501,7 @@ def test_a_finish_replayed_after_a_late_crash_writes_one_audit_record_and_keeps_
         with pytest.raises(Crash):
             unlearner.forget(["r1"], mode="iterative", request_id="E")
     again = restart(world, model_dir)
-    audit = [r for r in again.store.audit_log() if r["request_id"] == "E"]
+    audit = [r for r in forget_records(again.store) if r["request_id"] == "E"]
     assert len(audit) == 1 and audit[0]["erasure_receipt"]
     assert again.forget(["r1"], request_id="E").erasure_receipt == audit[0]["erasure_receipt"]
 
@@ -529,7 +529,7 @@ def test_a_second_engine_opened_during_a_commit_leaves_its_journal_alone(world, 
             unlearner.forget(["r1"], mode="iterative", request_id="F")
     assert seen == [["F.json"]]
     again = restart(world, model_dir)
-    assert again.store.is_erased("r1") and [r["request_id"] for r in again.store.audit_log()] == ["F"]
+    assert again.store.is_erased("r1") and [r["request_id"] for r in forget_records(again.store)] == ["F"]
 
 
 @pytest.mark.parametrize("request_id", ["../gradstore", "dsr/2026/42", "", ".hidden", "x" * 129, 7])
@@ -758,7 +758,7 @@ def test_a_crash_right_after_the_erasure_keeps_its_receipt(world, tmp_path, monk
             unlearner.forget(["r1"], mode="iterative", request_id="V")
     again = restart(world, model_dir)
     receipt = again.store.tombstone(again.store.id_hash("r1"))["receipt"]
-    assert [r["erasure_receipt"] for r in again.store.audit_log() if r["request_id"] == "V"] == [receipt]
+    assert [r["erasure_receipt"] for r in forget_records(again.store) if r["request_id"] == "V"] == [receipt]
 
 
 def test_a_model_directory_without_a_saved_model_is_refused(world, tmp_path):
@@ -816,7 +816,7 @@ def test_a_commit_names_the_uncommitted_changes_it_saves_so_the_hash_chain_stays
                              "retain_loss_before": short.retain_loss_before,
                              "retain_loss_after": short.retain_loss_after}]
     assert done.model_hash_before == short.model_hash_after
-    (audit,) = world.store.audit_log()
+    (audit,) = forget_records(world.store)
     assert audit["carries"] == done.carries and audit["model_hash_after"] == done.model_hash_after
     assert "short" in done.to_table()
     # The chain: trained -> short (carried) -> done, and the weights on disk are the last link.
@@ -852,7 +852,7 @@ def test_a_fixed_step_beyond_the_guard_is_never_built_on_or_saved(world, tmp_pat
     unlearner.config = LENIENT
     with pytest.raises(ForgetError, match="request fixed left beyond the retain guard"):
         unlearner.forget(["r1"], mode="iterative", request_id="next")
-    assert model_hash(world.model) == broken and "r1" in world.store and not world.store.audit_log()
+    assert model_hash(world.model) == broken and "r1" in world.store and not forget_records(world.store)
     assert unlearner.forget(["r1"], dry_run=True).status == "dry_run"  # looking is still allowed
     with torch.no_grad():
         world.model.load_state_dict(trained)  # loaded again: the broken step is gone, requests run
@@ -871,7 +871,7 @@ def test_a_change_dropped_by_reloading_the_weights_is_not_claimed_as_carried(wor
     unlearner.config = LENIENT
     done = unlearner.forget(["r1"], mode="iterative")
     assert done.status == "forgotten" and done.carries == []
-    assert world.store.audit_log()[0]["carries"] == []
+    assert forget_records(world.store)[0]["carries"] == []
 
 
 def test_the_fisher_preconditioner_divides_by_the_retained_examples_fisher(world):
@@ -1053,3 +1053,24 @@ def test_reloading_an_earlier_uncommitted_state_keeps_the_changes_before_it(worl
     done = unlearner.forget(["r1"], mode="iterative", request_id="done")
     assert done.status == "forgotten" and [c["request_id"] for c in done.carries] == ["first"]
     assert verify_audit_chain(world.store, restart(world, model_dir).model).whole
+
+
+def test_the_audit_chain_starts_at_the_model_training_recorded(world, built, tmp_path):
+    (trained,) = [r for r in world.store.audit_log() if r["kind"] == "trained"]
+    assert trained["model_hash"] == model_hash(world.model)  # train_model recorded it as training ended
+    chain = verify_audit_chain(world.store, world.model)
+    assert chain.whole and chain.trained_hash == chain.first_hash == trained["model_hash"] and chain.last_hash is None
+    # Weights changed with no forget on record: the break is named against the trained model.
+    other = tiny_model(seed=3)
+    assert f"are not the trained model's ({trained['model_hash'][:16]})" in verify_audit_chain(
+        world.store, other).problems[0]
+    # A first forget that started elsewhere (say from weights tuned after training) breaks the chain too.
+    world.store.append_audit({"kind": "forget", "request_id": "x", "id_hashes": [], "model_hash_before": "0" * 64,
+                              "model_hash_after": "1" * 64})
+    (problem,) = verify_audit_chain(world.store).problems
+    assert "request x started from model 0000000000000000" in problem and "(the trained model)" in problem
+    # Training again into the store starts the chain again from the model it ended with.
+    train_model(other, [record(100 + i) for i in range(4)], [f"late{i}" for i in range(4)],
+                TrainConfig(epochs=1, batch_size=4, pad_token_id=0), store=world.store, progress=False)
+    again = verify_audit_chain(world.store, other)
+    assert again.trained_hash == model_hash(other) and again.problems == [(problem)] and again.last_hash is None

@@ -309,10 +309,11 @@ class AuditQuery(BaseModel):
 class AuditChain(_Out):
     whole: bool = Field(description="every audited change starts from the model the one before it left, and the "
                                     "last one's weights are the ones served")
-    commits: int
+    commits: int = Field(description="committed forgets since the newest `trained` record (all, without one)")
     carried: int = Field(description="uncommitted changes saved by a later commit (named in its record)")
-    first_hash: str | None = Field(description="the model the chain starts from: the trained model's where training "
-                                               "recorded it, else the one the first audited change started from")
+    first_hash: str | None = Field(description="the model the chain starts from: the newest trained model's where "
+                                               "training recorded it, else the one the first audited change started "
+                                               "from")
     trained_hash: str | None = Field(description="the model the newest training with capture ended with (a "
                                                  "`trained` audit record); null if none was recorded")
     last_hash: str | None = Field(description="the model the last commit saved")

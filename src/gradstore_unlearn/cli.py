@@ -182,7 +182,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from . import data
     from .train import MODEL_SIZES, TrainConfig, build_model, save_model, train_model
-    from .unlearn import save_reference_set
+    from .unlearn import record_trained_model, save_reference_set
 
     # Checked before anything is read or written: a bad value must not leave a half-created store behind.
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
@@ -211,8 +211,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                                  autocast_dtype="bfloat16" if device == "cuda" else None)
     try:
         result = train_model(model, sequences, [d.id for d in documents], config, store=store,
-                             capture_policy=args.capture, progress=not args.json)
+                             capture_policy=args.capture, progress=not args.json, record_trained=False)
         save_model(model, tokenizer, args.out, extra={"train": config.to_dict(), "result": result.to_dict()})
+        # Only once the model is saved: the audit chain must start from weights that exist.
+        record_trained_model(store, model)
         if holdout:
             save_reference_set(store, data.encode_documents(tokenizer, holdout, preset.max_tokens))
     except BaseException:

@@ -112,12 +112,14 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_token_id: int, device: str
 
 def train_model(model: transformers.PreTrainedModel, sequences: Sequence[Sequence[int]], ids: Sequence[Any],
                 config: TrainConfig, *, store: GradStore | None = None, capture_policy: str | None = None,
-                progress: bool = True, description: str = "train") -> TrainResult:
+                progress: bool = True, description: str = "train", record_trained: bool = True) -> TrainResult:
     """Train `model` on token sequences (one per example ID) with AdamW, capturing into `store` if given.
 
     Each epoch visits every example once in a seeded random order. The learning rate warms up linearly, then
     decays with a cosine to 10%. With a store, each example's gradient rows are captured as the capture
-    policy says (by default, the store's: `first`).
+    policy says (by default, the store's: `first`), and the model training ended with is recorded in the store's
+    audit log (`record_trained_model`: where the forget audit chain starts); `record_trained=False` leaves that to
+    the caller, who records the model once it is saved.
     """
     config.validate()
     if len(sequences) != len(ids):
@@ -186,10 +188,10 @@ def train_model(model: transformers.PreTrainedModel, sequences: Sequence[Sequenc
     bar.close()
     report = capture.close() if capture is not None else None
     model.eval()
-    if store is not None and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+    if store is not None and record_trained:
         from .unlearn import record_trained_model  # (unlearn imports this module)
 
-        record_trained_model(store, model)  # where the forget audit chain starts
+        record_trained_model(store, model)  # where the forget audit chain starts (rank 0 writes it)
     seconds = time.perf_counter() - start
     return TrainResult(steps=len(losses), seconds=seconds, final_loss=sum(losses[-steps_per_epoch:]) /
                        max(1, len(losses[-steps_per_epoch:])), tokens_per_second=tokens / seconds,

@@ -417,9 +417,9 @@ class AuditChain:
     """A store's forget audit trail followed by model hash, from each record (and the uncommitted changes it
     carried) to the next, and optionally to the weights of a model: `whole` if nothing changed off the record."""
 
-    commits: int
+    commits: int  # since the newest `trained` record, if any
     carried: int
-    first_hash: str | None  # the model the chain starts from: the trained model's, if training recorded it
+    first_hash: str | None  # the model the chain starts from: the newest trained model's, if training recorded it
     # The newest `trained` record's model hash (record_trained_model): None if training recorded none, and the
     # chain then starts wherever the first forget started.
     trained_hash: str | None
@@ -462,9 +462,10 @@ def verify_audit_chain(store: GradStore, model: torch.nn.Module | None = None, *
     commits = carried = 0
     for record in store.audit_log():
         if record.get("kind") == "trained":
-            # Training (again) with capture: the chain goes on from the model it ended with.
-            trained = previous = record.get("model_hash")
-            first, last = first or trained, None
+            # Training (again) with capture: the chain starts again from the model it ended with (the commits
+            # before it are counted no more; a break found before it stays a problem).
+            trained = previous = first = record.get("model_hash")
+            last, commits, carried = None, 0, 0
             continue
         if record.get("kind") != "forget":
             continue
@@ -508,11 +509,20 @@ def record_trained_model(store: GradStore, model: torch.nn.Module) -> str:
     """Append a `trained` record (the model's hash) to the store's audit log: where the forget audit chain starts.
 
     Called when training with capture ends (`train_model`, `GradStoreCallback`; a loop of your own calls it after
-    its last step). Without it the chain starts wherever the first forget started, which no record vouches for.
-    Training again into the store appends another: the chain goes on from the newest. Returns the hash.
+    its last step, with the model it saves). Without it the chain starts wherever the first forget started, which no
+    record vouches for. Training again into the store appends another: the chain goes on from the newest. A wrapper
+    (DDP's `.module`, torch.compile's `._orig_mod`) is looked through, so that the hash is the saved model's; under
+    torch.distributed only rank 0 writes. (A PEFT model: record the merged model that is saved.) Returns the hash.
     """
+    while True:  # the wrapped model's parameter names carry the wrapper's prefix: another hash
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            break
+        model = inner
     digest = model_hash(model)
-    store.append_audit({"kind": "trained", "time": time.time(), "model_hash": digest})
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
+        store.append_audit({"kind": "trained", "time": time.time(), "model_hash": digest})
     return digest
 
 

@@ -280,6 +280,26 @@ def test_train_that_fails_leaves_an_existing_store_and_says_so(tmp_path, capsys,
     assert "remain in the existing store" in capsys.readouterr().err
 
 
+def test_train_records_the_trained_model_only_once_it_is_saved(tmp_path, capsys, monkeypatch):
+    from gradstore_unlearn import train
+    from gradstore_unlearn.unlearn import model_hash
+
+    corpus, store = _user_corpus(tmp_path), tmp_path / "store"
+    assert cli.main(["train", "--store", str(store), "--out", str(tmp_path / "model"), "--data", str(corpus),
+                     "--epochs", "1", "--json"]) == 0
+    (trained,) = GradStore.open(store).audit_log()
+    assert trained["kind"] == "trained" and trained["model_hash"] == model_hash(train.load_model(tmp_path / "model")[0])
+
+    def no_room(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train, "save_model", no_room)
+    assert cli.main(["train", "--store", str(store), "--out", str(tmp_path / "again"), "--data", str(corpus),
+                     "--epochs", "1", "--json"]) == 2
+    # A model that was never saved is no start of the store's audit chain: the first one still is.
+    assert GradStore.open(store).audit_log() == [trained]
+
+
 def test_loading_a_model_draws_no_bar_and_keeps_the_callers_setting(ws, capfd):
     import transformers
 

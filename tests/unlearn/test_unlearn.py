@@ -1073,4 +1073,18 @@ def test_the_audit_chain_starts_at_the_model_training_recorded(world, built, tmp
     train_model(other, [record(100 + i) for i in range(4)], [f"late{i}" for i in range(4)],
                 TrainConfig(epochs=1, batch_size=4, pad_token_id=0), store=world.store, progress=False)
     again = verify_audit_chain(world.store, other)
-    assert again.trained_hash == model_hash(other) and again.problems == [(problem)] and again.last_hash is None
+    assert again.trained_hash == again.first_hash == model_hash(other) and again.problems == [problem]
+    assert again.commits == 0 and again.last_hash is None  # counted from the newest training
+
+
+def test_the_trained_model_is_recorded_through_its_wrapper(world):
+    from gradstore_unlearn.unlearn import record_trained_model
+
+    class Wrapped(torch.nn.Module):  # as DDP wraps a model: its parameter names gain a "module." prefix
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert model_hash(Wrapped(world.model)) != model_hash(world.model)
+    assert record_trained_model(world.store, Wrapped(world.model)) == model_hash(world.model)
+    assert world.store.audit_log()[-1]["model_hash"] == model_hash(world.model)

@@ -1,4 +1,5 @@
-"""`GET /v1/audit`: the store's audit log (one record per committed forget), oldest first, paged;
+"""`GET /v1/audit`: the store's audit log (one record per committed forget, and one per training with capture,
+`"kind": "trained"`), oldest first, paged;
 `GET /v1/audit/chain`: its model hashes followed to the weights served."""
 
 from __future__ import annotations

@@ -342,6 +342,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_drift(args: argparse.Namespace) -> int:
+    from .drift import signed_percent
+
     engine = _open_engine(args)
     if args.set is None and (args.kind is not None or args.panel is not None or args.keep_baseline):
         raise ValueError("--kind, --panel and --keep-baseline go with --set")
@@ -362,7 +364,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
     pairs = [("budget", f"+{100 * reading.budget:.2f}% ({reading.kind})"),
              ("baseline model", reading.baseline_model_hash[:16]), ("panel examples", reading.members),
              ("panel loss at the baseline", reading.baseline_loss), ("panel loss now", reading.loss),
-             ("change since the baseline", f"{100 * reading.change:+.2f}%"),
+             ("change since the baseline", signed_percent(reading.change)),
              ("left (nats of mean loss)", reading.remaining)]
     _print(args, reading.to_dict(), format_pairs(pairs, title="drift budget" + (" set" if args.set else "")))
     return 0

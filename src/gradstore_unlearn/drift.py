@@ -106,13 +106,18 @@ class DriftReading:
         return loss_change if self.kind == "loss" else max(math.expm1(self.rise), loss_change)
 
     def describe(self) -> str:
-        return f"{100 * self.change:+.2f}% of +{100 * self.budget:.2f}% ({self.kind}, since model " \
-               f"{self.baseline_model_hash[:12]})"
+        return (f"{signed_percent(self.change)} of +{100 * self.budget:.2f}% ({self.kind}, since model "
+                f"{self.baseline_model_hash[:12]})")
 
     def to_dict(self) -> dict[str, Any]:
         return {"budget": self.budget, "kind": self.kind, "baseline_model_hash": self.baseline_model_hash,
                 "members": self.members, "baseline_loss": self.baseline_loss, "loss": self.loss,
                 "change": self.change, "remaining_nats": self.remaining}
+
+
+def signed_percent(fraction: float) -> str:
+    """"+1.23%": a change as a signed percentage, with no "-0.00%" for a rounding residue below zero."""
+    return f"{round(100 * fraction, 2) + 0.0:+.2f}%"
 
 
 def check_budget(budget: Any, kind: Any) -> None:

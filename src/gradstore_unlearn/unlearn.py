@@ -82,6 +82,7 @@ from .drift import (
     drop_from_panel,
     load_drift_budget,
     new_drift_budget,
+    signed_percent,
     write_drift_budget,
 )
 from .evaluate import context_length, sequence_losses
@@ -267,8 +268,8 @@ class ForgetReport:
         if not self.drift:
             return "-"
         before, after = self.drift["before"], self.drift["after"]
-        return (f"{100 * before['change']:+.2f}% -> {100 * after['change']:+.2f}% of +{100 * after['budget']:.2f}% "
-                f"({after['kind']}, since model {after['baseline_model_hash'][:12]})")
+        return (f"{signed_percent(before['change'])} -> {signed_percent(after['change'])} of "
+                f"+{100 * after['budget']:.2f}% ({after['kind']}, since model {after['baseline_model_hash'][:12]})")
 
     def below_target(self) -> list[int]:
         """Positions in `ids` of the examples whose loss ended below their own target band, furthest first."""

@@ -43,7 +43,8 @@ its commit saves that change too, so the commit names it (`ForgetReport.carries`
 model hashes chain from the trained model to the weights on disk.
 
 Each request's guard is measured from the model it starts on, so requests in a row add up; a drift budget kept in
-the store (`set_drift_budget`, drift.py) bounds the sum: each request's guard gets at most the rise it has left.
+the store (`set_drift_budget`, drift.py) bounds the sum: each request's guard gets at most the rise it has left, and
+a change the budget's own panel reads over it is taken back along itself until it is within.
 """
 
 from __future__ import annotations
@@ -1003,6 +1004,15 @@ class Unlearner:
                                                             params, precondition)
             report.iterations += iterations
             evaluations += more
+        pulled_back = 1.0
+        if drift is not None and cfg.calibrate and not spent:
+            # The guard's sample held the request to the rise the budget had left; the budget itself is read on
+            # its panel, which may disagree a little. The panel has the last word.
+            pulled_back, after, more = self._hold_to_budget(ids, params, base)
+            evaluations += more
+            if pulled_back < 1.0:
+                r = self._guard_loss(retain) if retain else r
+                evaluations += 1
         # The forgotten examples' losses, measured once more on the model as it is left: the status and the
         # report rest on this (a kept repair-only step changes them without a new forget measurement), and per
         # example it is the first thing to look at when a request stops short.
@@ -1011,8 +1021,10 @@ class Unlearner:
         evaluations += 1
         report.forget_loss_after, report.retain_loss_after = f, r
         if drift is not None:
-            report.drift = {"before": drift.to_dict(), "after": self.drift(ids).to_dict()}
-            evaluations += 1
+            if spent or not cfg.calibrate:
+                after = self.drift(ids)
+                evaluations += 1
+            report.drift = {"before": drift.to_dict(), "after": after.to_dict()}
         report.evaluations = evaluations
         shares = self._token_shares(sequences)
         for s, before, after, goal in zip(sequences, forget_before, forget_after, targets, strict=True):
@@ -1040,11 +1052,44 @@ class Unlearner:
         else:
             bound = (f"the store's drift budget ({drift.describe()} before this request)" if budget_binds
                      else f"the retain guard (+{100 * cfg.retain_tolerance:.1f}%)")
+            if pulled_back < 1.0:
+                bound = (f"the store's drift budget ({drift.describe()} before this request; the change was taken "
+                         f"back to {pulled_back:.3f} of itself to stay within it)")
             report.message = (f"target loss {target:.4f} not reached within {bound}: stopped at forget loss {f:.4f}, "
                               f"the best admissible point" + ("; try mode='iterative'" if mode == "first_epoch" else "")
                               + _shortfall(report))
         # A calibrated search only keeps admissible states (a guard measured again may differ by rounding).
         return cfg.calibrate or (guarded and within)
+
+    def _hold_to_budget(self, ids: list[Any], params: list[tuple[str, torch.nn.Parameter]],
+                        base: dict[str, torch.Tensor]) -> tuple[float, DriftReading, int]:
+        """Keep the request's change within the store's drift budget as its panel reads it.
+
+        If the panel reads over the budget, the change is taken back along itself, W = W0 + a (W - W0), with a
+        bisected to the largest value that the panel allows (a = 0, the model the request found, is within it:
+        otherwise the budget was spent and no step was taken). Returns (a, the reading there, panel reads).
+        """
+        reading = self.drift(ids)
+        if reading.remaining >= 0:
+            return 1.0, reading, 1
+        moved = {name: param.detach().clone() for name, param in params}
+
+        def at(fraction: float) -> DriftReading:
+            with torch.no_grad():
+                for name, param in params:
+                    param.copy_(base[name] + fraction * (moved[name] - base[name]))
+            return self.drift(ids)
+
+        low, high, low_reading, mid = 0.0, 1.0, None, None
+        for _ in range(self.config.bisect_steps):
+            mid = (low + high) / 2
+            candidate = at(mid)
+            if candidate.remaining >= 0:
+                low, low_reading = mid, candidate
+            else:
+                high = mid
+        reading = at(low) if low_reading is None or low != mid else low_reading
+        return low, reading, 2 + self.config.bisect_steps
 
     def _reached(self, forget_loss: float, target: float) -> bool:
         return forget_loss >= target * (1 - self.config.target_tolerance)

@@ -874,7 +874,7 @@ class Unlearner:
             if report.model_hash_after != report.model_hash_before:
                 # Left at its best admissible point (in memory only): the next commit saves this change too.
                 self._uncommitted.append({"request_id": request_id, "status": report.status,
-                                          "id_hashes": [self.store.id_hash(i) for i in present],
+                                          "id_hashes": [self._id_hash(i) for i in present],
                                           "model_hash_before": report.model_hash_before,
                                           "model_hash_after": report.model_hash_after,
                                           **{name: getattr(report, name) for name in CARRIED_METRICS}})
@@ -1088,7 +1088,7 @@ class Unlearner:
                 low, low_reading = mid, candidate
             else:
                 high = mid
-        reading = at(low) if low_reading is None or low != mid else low_reading
+        reading = low_reading if low == mid else at(low)  # the model is left at the last candidate tried
         return low, reading, 2 + self.config.bisect_steps
 
     def _reached(self, forget_loss: float, target: float) -> bool:

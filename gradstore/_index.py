@@ -27,14 +27,25 @@ class Index:
     live: list[str] = field(default_factory=list)  # live segment IDs, in commit order (oldest first)
     locate: dict[ExampleId, tuple[str, int]] = field(default_factory=dict)
     shadowed: int = 0  # copies of IDs hidden by a newer copy
+    # Copies (segment, position) that a journaled erasure means but no rewrite has removed yet (a crashed
+    # erasure seen by a handle that may not finish it): an ID whose current copy is one of them is not live.
+    pending_erasure: frozenset[tuple[str, int]] = frozenset()
 
     @classmethod
-    def build(cls, manifests: dict[str, Manifest]) -> Index:
-        index = cls(manifests=dict(manifests))
+    def build(cls, manifests: dict[str, Manifest],
+              pending_erasure: frozenset[tuple[str, int]] = frozenset()) -> Index:
+        index = cls(manifests=dict(manifests), pending_erasure=pending_erasure)
         dead = {old for m in manifests.values() for old in m.replaces}
         index.live = sorted((s for s in manifests if s not in dead), key=lambda s: manifests[s].order_key)
         for segment in index.live:
             index._add_entries(manifests[segment])
+        # Only once every copy has competed: a pending copy that is the current one hides its ID (older copies
+        # are in the erasure's segments too), while a copy appended after the erasure was asked for wins and stays.
+        for segment, position in pending_erasure:
+            if segment in manifests:
+                example_id = manifests[segment].ids[position]
+                if index.locate.get(example_id) == (segment, position):
+                    del index.locate[example_id]
         return index
 
     def _add_entries(self, manifest: Manifest) -> None:
@@ -53,7 +64,7 @@ class Index:
 
     def snapshot(self) -> Index:
         """A copy that later commits and retirements on this handle do not change (for iterating)."""
-        return Index(dict(self.manifests), list(self.live), dict(self.locate), self.shadowed)
+        return Index(dict(self.manifests), list(self.live), dict(self.locate), self.shadowed, self.pending_erasure)
 
     def superseded(self) -> list[str]:
         """Segments whose manifests still exist but that a newer manifest replaces (to be cleaned up)."""
@@ -77,7 +88,7 @@ class Index:
         self._rebuild()
 
     def _rebuild(self) -> None:
-        rebuilt = Index.build(self.manifests)
+        rebuilt = Index.build(self.manifests, self.pending_erasure)
         self.live, self.locate, self.shadowed = rebuilt.live, rebuilt.locate, rebuilt.shadowed
 
     def live_positions(self, segment: str) -> list[int]:

@@ -141,6 +141,7 @@ class GradStore:
         self._index = Index()
         self._readers: dict[str, SegmentReader] = {}
         self._retired: set[str] = set()  # segments this handle retired
+        self._pending_hashes: frozenset[str] = frozenset()  # salted hashes of journaled erasures left unfinished
         self._salt = bytes.fromhex(config.id_salt)
         self.refresh()
 
@@ -184,14 +185,18 @@ class GradStore:
             raise NotAStoreError(f"{objects.uri} exists but is not a gradstore (no {METADATA_KEY})") from None
         config = StoreConfig.from_json(raw, objects.uri)
         store = cls(objects, config, read_only=read_only)
-        if not read_only and objects.list_dir(JOURNAL):
-            try:
+        if objects.list_dir(JOURNAL):
+            finished = False
+            if not read_only:
                 # Without waiting: a journal entry under a live lock is an erasure running now, not a crashed
                 # one, and every mutation replays the journal before it starts anyway.
-                with mutation_lock(objects, timeout_s=0):
+                with contextlib.suppress(StoreLockedError), mutation_lock(objects, timeout_s=0):
                     store._replay_journal(locked=True)
-            except StoreLockedError:
-                pass
+                    finished = True
+            if not finished:
+                # Not finished here, but its examples are gone for this handle all the same: once an erasure is
+                # journaled, no read may return what it erases, even if the process that asked for it crashed.
+                store._hide_pending_erasures()
         return store
 
     @property
@@ -248,7 +253,7 @@ class GradStore:
             manifests.update({s: m for s, m in current.items() if s not in known})
             for gone in (set(known) - set(current)) | self._retired:
                 manifests.pop(gone, None)
-            self._index = Index.build(manifests)
+            self._index = Index.build(manifests, self._index.pending_erasure)
             self._readers = {s: r for s, r in self._readers.items() if s in manifests}
 
     # ---------------------------------------------------------------------------------------------- writing
@@ -481,7 +486,10 @@ class GradStore:
     def is_erased(self, example_id: Any) -> bool:
         """True if a tombstone records that this ID was erased (and it has not been appended again since)."""
         key = normalize_id(example_id)
-        return not self._contains_live(key) and self._objects.exists(f"{TOMBSTONES}/{self.id_hash(key)}.json")
+        if self._contains_live(key):
+            return False
+        digest = self.id_hash(key)
+        return digest in self._pending_hashes or self._objects.exists(f"{TOMBSTONES}/{digest}.json")
 
     def tombstone(self, id_hash: str) -> dict[str, Any] | None:
         """The tombstone of an erased ID, by its salted hash (`id_hash`): {hash, erased_at, receipt}, or None."""
@@ -548,14 +556,7 @@ class GradStore:
             self._objects.write(f"{TOMBSTONES}/{h}.json", json.dumps(tombstone).encode())
         with self._lock:
             index = self._index.snapshot()
-        # The request's segments and the ones that replaced them (a crash after some rewrites), whether this is
-        # the request's own run or a replay: a copy appended meanwhile, elsewhere, is not what it meant.
-        named = set(journal.get("segments") or index.live)
-        segments = [s for s in index.live if s in named or not named.isdisjoint(index.manifests[s].replaces)]
-        if keys is None:
-            hashes = set(journal["hashes"])
-            keys = {i for s in segments for i in index.manifests[s].ids if self.id_hash(i) in hashes}
-        horizon = journal.get("horizon") if "segments" not in journal else None  # an older journal's bound
+        segments, keys, horizon = self._erasure_scope(journal, index, keys)
         rewritten = removed = 0
         for segment in segments:
             freed = self._rewrite_segment(
@@ -574,17 +575,54 @@ class GradStore:
             with mutation_lock(self._objects):
                 self._replay_journal(locked=True)
             return
-        for name in names:
-            try:
-                journal = json.loads(self._objects.read(f"{JOURNAL}/{name}"))
-            except FileNotFoundError:
-                continue
-            except ValueError:  # torn write cannot happen (atomic puts); refuse to guess
-                raise FormatError(f"{self.uri}: unreadable journal entry {name}") from None
+        for journal in self._journal_entries(names):
             self.refresh()
             self._retire_superseded()
             self._apply_erasure(journal)
         self._retire_superseded()
+
+    def _erasure_scope(self, journal: dict[str, Any], index: Index,
+                       keys: set[ExampleId] | None = None) -> tuple[list[str], set[ExampleId], int | None]:
+        """(segments, keys, horizon): the live segments a journaled erasure rewrites, the IDs it drops there,
+        and an older journal's bound on their copies' commit order (None: every copy)."""
+        # The request's segments and the ones that replaced them (a crash after some rewrites), whether this is
+        # the request's own run or a replay: a copy appended meanwhile, elsewhere, is not what it meant.
+        named = set(journal.get("segments") or index.live)
+        segments = [s for s in index.live if s in named or not named.isdisjoint(index.manifests[s].replaces)]
+        if keys is None:
+            hashes = set(journal["hashes"])
+            keys = {i for s in segments for i in index.manifests[s].ids if self.id_hash(i) in hashes}
+        horizon = journal.get("horizon") if "segments" not in journal else None
+        return segments, keys, horizon
+
+    def _journal_entries(self, names: list[str]) -> Iterator[dict[str, Any]]:
+        """The journaled erasures named `names` (entries finished meanwhile are skipped)."""
+        for name in names:
+            try:
+                yield json.loads(self._objects.read(f"{JOURNAL}/{name}"))
+            except FileNotFoundError:
+                continue
+            except ValueError:  # torn write cannot happen (atomic puts); refuse to guess
+                raise FormatError(f"{self.uri}: unreadable journal entry {name}") from None
+
+    def _hide_pending_erasures(self) -> None:
+        """Take the examples of unfinished journaled erasures out of this handle's index (not out of the files:
+        finishing them takes the mutation lock, which a read-only handle never takes)."""
+        pending: set[tuple[str, int]] = set()
+        hashes: set[str] = set()
+        with self._lock:
+            index = self._index.snapshot()
+        for journal in self._journal_entries(self._objects.list_dir(JOURNAL)):
+            hashes.update(journal["hashes"])
+            segments, keys, horizon = self._erasure_scope(journal, index)
+            for segment in segments:
+                manifest = index.manifests[segment]
+                pending.update((segment, p) for p, i in enumerate(manifest.ids)
+                               if i in keys and (horizon is None or manifest.copy_order(p) <= horizon))
+        with self._lock:
+            self._pending_hashes = frozenset(hashes)
+            self._index = Index.build(self._index.manifests, frozenset(pending))
+            self._readers = {s: r for s, r in self._readers.items() if s in self._index.manifests}
 
     def _rewrite_segment(self, segment: str, drop: Any) -> int | None:
         """Replace a live segment by a copy without the examples for which `drop(id, copy_order)` is true, and

@@ -113,6 +113,16 @@ def test_interrupted_erasure_is_finished_on_open(tmp_path, monkeypatch, step):
     monkeypatch.undo()
     (Path(uri) / "locks" / "mutation.json").unlink(missing_ok=True)  # the crashed process held the lock
 
+    # A read-only handle cannot finish the erasure, but must not return what it erases either.
+    readonly = GradStore.open(uri, read_only=True)
+    assert sorted(readonly.ids()) == [i for i in range(20) if i not in (3, 12)]
+    assert len(readonly) == 18 and 3 not in readonly
+    for i in (3, 12):
+        with pytest.raises(ErasedError):
+            readonly.get(i)
+    assert sorted(i for b in readonly.iter_batches(7) for i in b.ids) == sorted(readonly.ids())
+    assert list((Path(uri) / "journal").iterdir())  # still pending
+
     reopened = GradStore.open(uri)  # replays the journal
     assert sorted(reopened.ids()) == [i for i in range(20) if i not in (3, 12)]
     for i in (3, 12):
@@ -121,6 +131,39 @@ def test_interrupted_erasure_is_finished_on_open(tmp_path, monkeypatch, step):
     check_store(uri, set(range(20)) - {3, 12})
     assert not list((Path(uri) / "journal").iterdir())
     assert reopened.stats().segments == 2  # no superseded segment left visible
+
+
+def test_a_read_only_handle_keeps_a_copy_appended_after_a_crashed_erasure(tmp_path, monkeypatch):
+    uri = str(tmp_path / "store")
+    store = GradStore.create(uri, dim=DIM, vocab_size=VOCAB, dtype="float32")
+    ids = list(range(6))
+    tokens, rows = zip(*(example(i) for i in ids), strict=True)
+    with store.writer() as w:
+        w.append(ids, list(tokens), list(rows))
+    objects = store.objects
+    real_write_new = objects.write_new
+
+    def write_new(key, data):
+        ok = real_write_new(key, data)
+        if key.startswith("journal/"):
+            raise Crash("after_journal")
+        return ok
+
+    monkeypatch.setattr(objects, "write_new", write_new)
+    with pytest.raises(Crash):
+        store.erase([2, 4])
+    monkeypatch.undo()
+    (Path(uri) / "locks" / "mutation.json").unlink(missing_ok=True)
+    # The crashed process appends example 2 again: that copy is not what the erasure meant.
+    new_tokens, new_rows = example(77)
+    with store.writer() as w:
+        w.append([2], [new_tokens], [new_rows], replace=True)
+
+    readonly = GradStore.open(uri, read_only=True)
+    assert sorted(readonly.ids()) == [0, 1, 2, 3, 5]
+    assert torch.equal(readonly.get(2).rows, new_rows)
+    assert readonly.is_erased(4) and not readonly.is_erased(2)  # no tombstone yet: the journal says so
+    assert sorted(GradStore.open(uri).ids()) == [0, 1, 2, 3, 5]  # a writable open finishes it alike
 
 
 def test_stale_lock_of_a_dead_process_is_broken(tmp_path):

@@ -41,11 +41,20 @@ class DuplicateIdError(InvalidInputError):
 
 
 class UnknownIdError(GradStoreError, KeyError):
-    """An ID that the store does not hold."""
+    """An ID that the store does not hold. `ids`: every unknown ID of the request (`example_id` is the first)."""
 
-    def __init__(self, example_id: object, message: str | None = None):
+    def __init__(self, example_id: object, message: str | None = None, *, ids: list[object] | None = None):
         self.example_id = example_id
+        self.ids = list(ids) if ids else [example_id]
         super().__init__(message or f"unknown ID {example_id!r}: not in the store")
+
+    @classmethod
+    def naming(cls, ids: list[object], action: str) -> UnknownIdError:
+        """"cannot <action> unknown IDs 'a', 'b': not in the store" for every unknown ID of a request (the
+        message shows the first 10)."""
+        shown = ", ".join(repr(i) for i in ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+        plural = "s" if len(ids) > 1 else ""
+        return cls(ids[0], f"cannot {action} unknown ID{plural} {shown}: not in the store", ids=ids)
 
     def __str__(self) -> str:  # KeyError would print the repr of the message
         return str(self.args[0])

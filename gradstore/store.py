@@ -526,8 +526,7 @@ class GradStore:
             already = [k for k in keys if not self._contains_live(k) and self.is_erased(k)]
             unknown = [k for k in keys if not self._contains_live(k) and k not in already]
             if unknown:
-                raise UnknownIdError(unknown[0], f"cannot erase unknown ID {unknown[0]!r}: not in the store"
-                                     + (f" (and {len(unknown) - 1} more unknown)" if len(unknown) > 1 else ""))
+                raise UnknownIdError.naming(unknown, "erase")
             receipt_id = uuid.uuid4().hex
             now = time.time()
             if not present:

@@ -6,14 +6,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from anyio import to_thread
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, FastAPI, Security
 
 from .engine import Engine
 from .errors import install_error_handlers
 from .jobs import JobManager
-from .limits import BodySizeLimit
+from .limits import BodySizeLimit, JsonBodiesOnly
 from .routers import audit, drift, examples, forget, health, influence, jobs, stats
-from .security import key_digests, require_api_key
+from .security import ApiKeyAuth, api_key_header, key_digests
 from .settings import Settings
 
 API_VERSION = "1.0.0"
@@ -48,12 +48,16 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.jobs = manager
-    app.state.key_digests = key_digests(settings.api_keys)
     install_error_handlers(app)
+    # The last added runs first: the key is checked before the body's type, and both before its size, so
+    # a request that would be refused anyway is never read.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(JsonBodiesOnly)
+    app.add_middleware(ApiKeyAuth, digests=key_digests(settings.api_keys))
 
     app.include_router(health.router)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+    # `ApiKeyAuth` checks the key; the dependency only declares the scheme in the OpenAPI schema.
+    v1 = APIRouter(prefix="/v1", dependencies=[Security(api_key_header)])
     for module in (stats, examples, influence, forget, jobs, audit, drift):
         v1.include_router(module.router)
     app.include_router(v1)

@@ -1,8 +1,9 @@
 """The `serve` command: `gradstore serve` (registered by `add_serve_command`) and `python -m gradstore_server`.
 
 One uvicorn process, one worker: the process owns the model, and several workers would each hold (and
-publish) their own weights. The store and the model are opened (and interrupted forgets and jobs settled)
-before the socket is bound, so that a bad store or model fails at once with one line on stderr. With `--port
+publish) their own weights. The address is bound first (an unusable one changes nothing), then the store and
+the model are opened (and interrupted forgets and jobs settled) before the socket listens, so that a bad store
+or model fails at once with one line on stderr. With `--port
 0` the operating system picks a free port; the bound address is printed on stdout (`gradstore-server listening
 on http://HOST:PORT`) once startup is done; poll `/healthz` for readiness. Exit codes: 0 after a clean
 shutdown, 2 for bad settings (including GRADSTORE_FORGET_CONFIG) or an unusable address, 3 if the store or
@@ -50,6 +51,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--access-log", action="store_const", const=True,
                         help="log every request line (env GRADSTORE_ACCESS_LOG; off by default: URLs name IDs)")
     parser.set_defaults(func=serve)
+    # The settings without an option: shown in --help, since nothing else on the command line names them.
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("environment only:\n"
+                     "  GRADSTORE_FORGET_CONFIG     JSON object of ForgetConfig fields (default: the library's)\n"
+                     "  GRADSTORE_DEFAULT_MODE      forget mode when a request names none (default first_epoch)\n"
+                     "  GRADSTORE_MAX_BODY_BYTES    larger request bodies get 413 (default 1048576)\n"
+                     "  GRADSTORE_MAX_QUEUED_JOBS   forget jobs waiting beyond this get 503 (default 100)\n"
+                     "  GRADSTORE_JOB_MAX_ATTEMPTS  runs of a job a crash may interrupt before it is rolled back "
+                     "(default 3)")
     return parser
 
 
@@ -85,6 +95,18 @@ def serve(args: argparse.Namespace) -> int:
         print(f"gradstore serve: {err}", file=sys.stderr)
         return 2
     engine, jobs = app.state.engine, app.state.jobs
+    # Bound first, so that an unusable address is refused before anything is opened or run (pending jobs
+    # included). Binding here, not in uvicorn, is also what lets port 0 work: the socket we hand over is the
+    # one we report. A bound socket does not accept connections until uvicorn listens on it.
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as err:
+        sock.close()
+        print(f"gradstore serve: cannot listen on {settings.host}:{settings.port}: {err}", file=sys.stderr)
+        return 2
     # Started here rather than in the application's startup (which then finds them started), so that a
     # missing store, a model directory that is not one, or a model another server holds is one line on
     # stderr and exit 3 before anything listens, instead of "listening" followed by uvicorn's traceback.
@@ -93,20 +115,11 @@ def serve(args: argparse.Namespace) -> int:
         jobs.start()
     except Exception as err:
         log.debug("startup failed", exc_info=True)
+        sock.close()
         _stop(engine, jobs)
         print(f"gradstore serve: cannot start: {_describe(err)}", file=sys.stderr)
         return 3
     try:
-        # Binding here, not in uvicorn, is what lets port 0 work: the socket we hand over is the one we report.
-        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((settings.host, settings.port))
-        except OSError as err:
-            sock.close()
-            print(f"gradstore serve: cannot listen on {settings.host}:{settings.port}: {err}", file=sys.stderr)
-            return 2
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if family == socket.AF_INET6 else host
         print(f"gradstore-server listening on http://{shown}:{port}", flush=True)

@@ -318,9 +318,11 @@ class Engine:
 
     # -------------------------------------------------------------------------------------------- forgets
     def plan_ids(self, ids: Sequence[Any]) -> tuple[list[Any], list[Any]]:
-        """(live IDs, already-erased IDs) of a forget request; unknown IDs raise `UnknownIdError` (404)."""
+        """(every ID of a forget request, once each and in request order; those already erased). Unknown IDs
+        raise `UnknownIdError` naming them all (404)."""
         with self.reading() as snap:
-            return snap.unlearner.resolve(ids)
+            _, already = snap.unlearner.resolve(ids)
+        return list(dict.fromkeys(normalize_id(i) for i in ids)), already
 
     def plan_text(self, text: str, threshold: float, metric: str) -> list[Any]:
         """The fuzzy matches (library `Match`es) of a text among the live examples."""

@@ -5,7 +5,7 @@ Every error body is `{"code": ..., "message": ..., "ids": [...] | null, "details
 schema fuzzer see one documented shape.
 
     gradstore.ErasedError                      409 erased          (the ID existed and was erased)
-    gradstore.UnknownIdError                   404 unknown_id      (names the ID)
+    gradstore.UnknownIdError                   404 unknown_id      (names every unknown ID of the request)
     gradstore.InvalidInputError / ForgetError  422 invalid_input
     gradstore.StoreLockedError                 503 store_busy
     any other GradStoreError                   500 store_error
@@ -61,7 +61,7 @@ def library_error(err: Exception) -> ApiError | None:
     if isinstance(err, ErasedError):
         return ApiError(409, "erased", str(err), ids=[err.example_id])
     if isinstance(err, UnknownIdError):
-        return ApiError(404, "unknown_id", str(err), ids=[err.example_id])
+        return ApiError(404, "unknown_id", str(err), ids=err.ids)
     if isinstance(err, InvalidInputError):
         return ApiError(422, "invalid_input", str(err))
     if isinstance(err, StoreLockedError):

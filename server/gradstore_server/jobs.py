@@ -226,11 +226,11 @@ class JobManager:
                                    f"{request.threshold}")
                 ids = [m.id for m in found]
                 matches = [{"id": m.id, "jaccard": m.jaccard, "containment": m.containment} for m in found]
-                present, already = ids, []
+                already = []
             else:
-                present, already = self.engine.plan_ids(request.ids)
-            replay = self._completed_elsewhere(request.request_id, present + already)
-            if not present and not replay:
+                ids, already = self.engine.plan_ids(request.ids)
+            replay = self._completed_elsewhere(request.request_id, ids)
+            if len(already) == len(ids) and not replay:
                 raise ApiError(409, "already_erased", "every requested ID was already erased: "
                                + ", ".join(repr(i) for i in already[:10]) + ("..." if len(already) > 10 else ""),
                                ids=already)
@@ -239,21 +239,23 @@ class JobManager:
             now = time.time()
             record: dict[str, Any] = {
                 "job_id": job_id, "request_id": request.request_id or job_id, "kind": "forget", "mode": mode,
-                "dry_run": request.dry_run, "source": source, "n_ids": len(present) + len(already),
-                "id_hashes": [self.engine.id_hash(i) for i in present + already], "fingerprint": fingerprint,
+                "dry_run": request.dry_run, "source": source, "n_ids": len(ids),
+                "id_hashes": [self.engine.id_hash(i) for i in ids], "fingerprint": fingerprint,
                 "attempts": 0, "submitted_at": now, "started_at": None, "finished_at": None, "result": None,
-                "error": None, "status": "queued", "pending_ids": present + already,
+                "error": None, "status": "queued", "pending_ids": ids,
             }
             if request.dry_run:
-                # A dry run reads only (which IDs would be forgotten); it is answered at once, never queued,
-                # and claims no request id: the request it previews may still be sent under that id.
-                report = self.engine.dry_run(present + already, mode, record["request_id"])
-                record.update(started_at=now, attempts=1)
-                self._finish(record, "completed", result=result_of(report))
+                # A dry run reads only (which IDs would be forgotten): it is answered at once, never queued and
+                # never journaled (previews would otherwise pile up in the store), and it claims no request id:
+                # the request it previews may still be sent under that id.
+                report = self.engine.dry_run(ids, mode, record["request_id"])
+                record.update(status="completed", started_at=now, finished_at=time.time(), attempts=1,
+                              result=result_of(report))
+                record.pop("pending_ids")
                 out = public(record)
-                out["ids"] = present + already  # this response alone names them; the record keeps hashes
+                out["ids"] = ids  # this response alone names them
                 out["matches"] = matches
-                return out, True
+                return out, False
             self._save(record)
             if not self.objects.write_new(f"{BY_REQUEST}/{record['request_id']}.json",
                                           json.dumps({"job_id": job_id}).encode()):
@@ -298,7 +300,11 @@ class JobManager:
         record = self.load(job_id)
         if record is None:
             raise ApiError(404, "unknown_job", f"unknown job {job_id[:64]!r}")
-        return public(record)
+        out = public(record)
+        if record.get("status") == "queued" and self.engine.degraded and out["error"] is None:
+            # Not journaled: it says why the job waits now, and a restart settles that.
+            out["error"] = {"code": "degraded", "message": f"waiting for the server's restart: {self.engine.degraded}"}
+        return out
 
     # -------------------------------------------------------------------------------------------- runner
     def _enqueue(self, job_id: str) -> None:

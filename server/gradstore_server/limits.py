@@ -1,6 +1,6 @@
-"""Request body size limit (413), enforced before anything parses the body.
+"""Request bodies: JSON only (415), and a size limit (413), both enforced before anything parses the body.
 
-A pure ASGI middleware: a declared Content-Length over the limit is refused without reading; otherwise the
+Pure ASGI middlewares. A declared Content-Length over the limit is refused without reading; otherwise the
 body is read up to the limit (chunked bodies too) and replayed to the application, so no handler ever holds
 more than `max_bytes` of one request.
 """
@@ -12,6 +12,27 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import error_response
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class JsonBodiesOnly:
+    """415 for a body declared as anything but JSON (`curl -d` sends a form type unless told otherwise).
+
+    Without this, FastAPI would not parse such a body at all and answer as if the fields were missing. A
+    request that declares no type is left to the JSON parser, as FastAPI does."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in BODY_METHODS:
+            declared = next((v.decode("latin-1") for n, v in scope.get("headers", ()) if n == b"content-type"), None)
+            media = (declared or "").split(";", 1)[0].strip().lower()
+            if declared is not None and media != "application/json" and not media.endswith("+json"):
+                response = error_response(415, "unsupported_media_type", "the request body must be JSON: send it "
+                                          f"with Content-Type: application/json (got {media or 'an empty type'!r})")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class BodySizeLimit:

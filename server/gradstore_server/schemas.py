@@ -131,6 +131,9 @@ class Stats(_Out):
     store: StoreStats
     model: ModelInfo
     jobs: JobCounts
+    degraded: str | None = Field(None, description=(
+        "why forgets are refused (503 `degraded`) and queued jobs wait until the server restarts; null when "
+        "forgets are accepted"))
 
 
 # ----------------------------------------------------------------------------------------------- examples
@@ -281,7 +284,9 @@ class Job(_Out):
     request_id: str
     kind: Literal["forget"]
     status: Literal["queued", "running", "interrupted", "completed", "failed", "rolled_back"] = Field(
-        description="interrupted: its commit failed and the server stopped taking forgets; the next start "
+        description="completed: the request ran, and `result.status` says whether its examples were forgotten "
+                    "(target_not_met: nothing was erased or published; a retry needs a new request_id). "
+                    "interrupted: its commit failed and the server stopped taking forgets; the next start "
                     "settles the job (completed if its weights reached the disk, else run again)")
     mode: Mode
     dry_run: bool

@@ -1,18 +1,25 @@
-"""API-key authentication: the `X-API-Key` header, checked against the configured keys in constant time."""
+"""API-key authentication: the `X-API-Key` header, checked against the configured keys in constant time.
+
+The check is an ASGI middleware, not a route dependency: FastAPI reads and parses a route's body before it
+runs the route's dependencies, so a dependency would answer a keyless request with a malformed body 422 (and
+read its body) instead of 401. The routers still declare `api_key_header`, which puts the scheme in the
+OpenAPI schema.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 
-from fastapi import Request, Security
 from fastapi.security import APIKeyHeader
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import ApiError
+from .errors import error_response
 
 API_KEY_HEADER = "X-API-Key"
+PROTECTED_PREFIX = "/v1"
 
-# auto_error=False: a missing key gets our own 401 body (the ErrorResponse schema), not FastAPI's 403.
+# auto_error=False: the middleware has answered a request without a valid key before any route sees it.
 api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
                               description="one of the keys in GRADSTORE_API_KEYS")
 
@@ -21,17 +28,41 @@ def key_digests(keys: tuple[str, ...]) -> tuple[bytes, ...]:
     return tuple(hashlib.sha256(k.encode("utf-8")).digest() for k in keys)
 
 
-async def require_api_key(request: Request, key: str | None = Security(api_key_header)) -> None:
-    """Dependency of every /v1 route. 401 without a valid key (async: microseconds of CPU, no thread hop)."""
-    challenge = {"WWW-Authenticate": f'ApiKey header="{API_KEY_HEADER}"'}
+def key_problem(key: str | None, digests: tuple[bytes, ...]) -> str | None:
+    """Why `key` is refused, or None if it is one of the configured keys."""
     if not key:
-        raise ApiError(401, "unauthorized", f"missing API key: send it in the {API_KEY_HEADER} header",
-                       headers=challenge)
+        return f"missing API key: send it in the {API_KEY_HEADER} header"
     # Comparing fixed-length digests makes the time independent of the key's length and content, and every
     # configured key is compared (no early exit), so timing reveals neither which key nor how much matched.
     given = hashlib.sha256(key.encode("utf-8", errors="surrogateescape")).digest()
     matched = False
-    for digest in request.app.state.key_digests:
+    for digest in digests:
         matched |= hmac.compare_digest(given, digest)
-    if not matched:
-        raise ApiError(401, "unauthorized", "invalid API key", headers=challenge)
+    return None if matched else "invalid API key"
+
+
+def protected(scope: Scope) -> bool:
+    path = scope.get("path", "")
+    return scope["type"] == "http" and (path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/"))
+
+
+class ApiKeyAuth:
+    """401 (with a `WWW-Authenticate` challenge) for every /v1 request without a valid key, before anything
+    reads its body."""
+
+    def __init__(self, app: ASGIApp, digests: tuple[bytes, ...]):
+        self.app = app
+        self.digests = digests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if protected(scope):
+            name = API_KEY_HEADER.lower().encode("latin-1")
+            # Header values are bytes; latin-1 maps each byte to one character, as Starlette's own headers do.
+            key = next((v.decode("latin-1") for n, v in scope.get("headers", ()) if n == name), None)
+            problem = key_problem(key, self.digests)
+            if problem is not None:
+                response = error_response(401, "unauthorized", problem,
+                                          headers={"WWW-Authenticate": f'ApiKey header="{API_KEY_HEADER}"'})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

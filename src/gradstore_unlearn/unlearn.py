@@ -791,8 +791,7 @@ class Unlearner:
         already = [k for k in missing if self.store.is_erased(k)]
         unknown = [k for k in missing if k not in already]
         if unknown:
-            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-            raise UnknownIdError(unknown[0], f"cannot forget unknown ID {unknown[0]!r}: not in the store{more}")
+            raise UnknownIdError.naming(unknown, "forget")
         return present, already
 
     def completed_request(self, request_id: str, ids: Sequence[Any]) -> ForgetReport | None:
@@ -1056,7 +1055,7 @@ class Unlearner:
                 bound = (f"the store's drift budget ({drift.describe()} before this request; the change was taken "
                          f"back to {pulled_back:.3f} of itself to stay within it)")
             report.message = (f"target loss {target:.4f} not reached within {bound}: stopped at forget loss {f:.4f}, "
-                              f"the best admissible point" + ("; try mode='iterative'" if mode == "first_epoch" else "")
+                              f"the best admissible point" + ("; try mode='iterative' (under a new request id)" if mode == "first_epoch" else "")
                               + _shortfall(report))
         # A calibrated search only keeps admissible states (a guard measured again may differ by rounding).
         return cfg.calibrate or (guarded and within)

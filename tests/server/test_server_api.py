@@ -30,9 +30,11 @@ def assert_error(response, status: int, code: str | None = None) -> dict:
     return body
 
 
-def forget(client, body: dict, status: int = 202) -> dict:
+def forget(client, body: dict, status: int | None = None) -> dict:
+    """POST /v1/forget; 202 (a new job) unless told otherwise, 200 for a dry run (answered at once)."""
     response = client.post("/v1/forget", json=body)
-    assert response.status_code == status, response.text
+    expected = status if status is not None else 200 if body.get("dry_run") else 202
+    assert response.status_code == expected, response.text
     return response.json()
 
 
@@ -56,8 +58,12 @@ def test_every_v1_route_needs_a_valid_key(client, method, path, body):
 
 def test_every_configured_key_is_accepted(client):
     assert client.get("/v1/stats", headers={"X-API-Key": OTHER_KEY}).status_code == 200
-    # A bad key is refused before the body is even looked at (401, not 422).
+    # A bad key is refused before the body is even looked at (401, not 422 or 415), a missing one alike.
     assert client.post("/v1/forget", json={"bogus": 1}, headers={"X-API-Key": "nope"}).status_code == 401
+    for headers in ({"X-API-Key": ""}, {"X-API-Key": "nope"}):
+        for content_type in ("application/json", "text/plain"):
+            response = client.post("/v1/forget", content=b"{bad", headers=headers | {"Content-Type": content_type})
+            assert_error(response, 401, "unauthorized")
 
 
 # ---------------------------------------------------------------------------------------------- stats
@@ -183,7 +189,13 @@ def test_malformed_json_and_content_types(client):
     assert_error(client.post("/v1/influence", content=b"\xff\xfe", headers=headers), 422)
     assert_error(client.post("/v1/influence", content=b'{"text": "\\ud800 x"}', headers=headers), 422)
     assert_error(client.post("/v1/influence", content=b"[" * 100_000 + b"]" * 100_000, headers=headers), 422)
-    assert_error(client.post("/v1/influence", content=b"id=1", headers={"Content-Type": "text/plain"}), 422)
+    for form in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""):
+        body = assert_error(client.post("/v1/influence", content=b'{"text": "hello world"}',
+                                        headers={"Content-Type": form}), 415, "unsupported_media_type")
+        assert "application/json" in body["message"]
+    for json_type in ("application/json; charset=utf-8", "Application/JSON", "application/merge-patch+json"):
+        assert client.post("/v1/influence", content=b'{"id": 1, "k": 1}',
+                           headers={"Content-Type": json_type}).status_code == 200, json_type
     assert_error(client.post("/v1/influence", content=b"NaN", headers=headers), 422)
 
 
@@ -286,24 +298,28 @@ def test_forget_already_erased(client):
     body = assert_error(client.post("/v1/forget", json={"ids": [14, 13]}), 409, "already_erased")
     assert body["ids"] == [14, 13]
     # A mix forgets the live ones and counts the rest.
-    mixed = wait_job(client, forget(client, {"ids": [13, 15], "dry_run": True})["job_id"])
+    mixed = forget(client, {"ids": [15, 13], "dry_run": True})
     assert mixed["result"]["n_already_forgotten"] == 1 and mixed["result"]["n_ids"] == 1
+    assert mixed["ids"] == [15, 13]  # request order, erased or not
 
 
 def test_forget_unknown_id_is_404_naming_it(client):
-    body = assert_error(client.post("/v1/forget", json={"ids": [1, "ghost", 2]}), 404, "unknown_id")
-    assert body["ids"] == ["ghost"] and "ghost" in body["message"]
+    body = assert_error(client.post("/v1/forget", json={"ids": [1, "ghost", 2, "spook"]}), 404, "unknown_id")
+    assert body["ids"] == ["ghost", "spook"] and "'ghost', 'spook'" in body["message"]
     assert client.get("/v1/stats").json()["jobs"] == {"queued": 0, "running": 0}
 
 
 def test_forget_dry_run_changes_nothing(client, workspace):
     before = client.get("/v1/stats").json()
-    response = client.post("/v1/forget", json={"ids": [16, 16, "rec-6"], "dry_run": True})
-    assert response.status_code == 202
+    store = GradStore.open(workspace.store, read_only=True)
+    jobs_before = store.objects.list_dir("jobs")
+    response = client.post("/v1/forget", json={"ids": ["rec-6", 16, 16], "dry_run": True})
+    assert response.status_code == 200 and "location" not in response.headers  # answered now, nothing to poll
     job = response.json()
     assert job["status"] == "completed" and job["dry_run"] and job["result"]["status"] == "dry_run"
-    assert job["ids"] == [16, "rec-6"]  # named in this response only
-    assert wait_job(client, job["job_id"])["ids"] is None
+    assert job["ids"] == ["rec-6", 16]  # named in this response only, in request order
+    assert store.objects.list_dir("jobs") == jobs_before  # a preview is not kept
+    assert_error(client.get(f"/v1/jobs/{job['job_id']}"), 404, "unknown_job")
     after = client.get("/v1/stats").json()
     assert after["model"] == before["model"] and after["store"]["examples"] == before["store"]["examples"]
 
@@ -403,8 +419,8 @@ def test_openapi_documents_every_response(client):
         ("get", "/healthz"): {"200"},
         ("get", "/v1/stats"): {"200", "401", "500", "503"},
         ("get", "/v1/examples/{example_id}"): {"200", "401", "404", "409", "422", "500", "503"},
-        ("post", "/v1/influence"): {"200", "401", "404", "409", "413", "422", "500", "503"},
-        ("post", "/v1/forget"): {"200", "202", "401", "404", "409", "413", "422", "500", "503"},
+        ("post", "/v1/influence"): {"200", "401", "404", "409", "413", "415", "422", "500", "503"},
+        ("post", "/v1/forget"): {"200", "202", "401", "404", "409", "413", "415", "422", "500", "503"},
         ("get", "/v1/jobs/{job_id}"): {"200", "401", "404", "422", "500", "503"},
         ("get", "/v1/audit"): {"200", "401", "422", "500", "503"},
         ("get", "/v1/audit/chain"): {"200", "401", "500", "503"},
@@ -438,7 +454,7 @@ def test_a_full_queue_is_503(workspace):
         waiting = forget(client, {"ids": [25]})
         body = assert_error(client.post("/v1/forget", json={"ids": [26]}), 503, "queue_full")
         assert "retry" in body["message"]
-        assert client.post("/v1/forget", json={"ids": [26], "dry_run": True}).status_code == 202  # never queued
+        assert client.post("/v1/forget", json={"ids": [26], "dry_run": True}).status_code == 200  # never queued
         for job in (running, waiting):
             assert wait_job(client, job["job_id"])["status"] == "completed"
         assert client.post("/v1/forget", json={"ids": [26]}).status_code == 202

@@ -178,7 +178,10 @@ def test_weights_replaced_on_disk_stop_forgets_until_a_restart(workspace):
         while (pending := client.get(f"/v1/jobs/{job['job_id']}").json())["status"] != "queued":
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert pending["attempts"] == 0 and pending["error"] is None
+        # Not journaled, but shown: why the job waits, and (in the stats) why forgets are refused.
+        assert pending["attempts"] == 0 and pending["error"]["code"] == "degraded"
+        assert "restart" in pending["error"]["message"]
+        assert "changed since the server loaded" in client.get("/v1/stats").json()["degraded"]
         refused = client.post("/v1/forget", json={"ids": [21]})
         assert refused.status_code == 503 and refused.json()["code"] == "degraded"
         assert client.get("/v1/stats").json()["model"]["hash"] == served
@@ -186,6 +189,7 @@ def test_weights_replaced_on_disk_stop_forgets_until_a_restart(workspace):
     with serve(workspace) as client:
         done = wait_job(client, job["job_id"])
         assert done["status"] == "completed" and done["result"]["model_hash_before"] == replaced
+        assert done["error"] is None and client.get("/v1/stats").json()["degraded"] is None
 
 
 def test_a_failed_commit_degrades_until_restart(workspace, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import subprocess
 import sys
 
@@ -116,4 +117,28 @@ def test_serve_fails_before_listening(workspace, monkeypatch, capsys, where, cod
     out, err = capsys.readouterr()
     assert "listening" not in out
     assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (workspace.model / ".gradstore-server.lock").exists()
+
+
+def test_an_unusable_address_exits_2_having_opened_nothing(workspace, monkeypatch, capsys):
+    """The address is bound before the store and the model are opened: a pending job must not run (and
+    commit) in a server that then cannot listen."""
+    from gradstore_server.engine import Engine
+
+    monkeypatch.setenv("GRADSTORE_API_KEYS", API_KEY)
+    started = []
+    monkeypatch.setattr(Engine, "start", lambda self: started.append(self))
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        for host, port in (("127.0.0.1", holder.getsockname()[1]), ("256.1.1.1", 0)):
+            argv = ["--store", str(workspace.store), "--model", str(workspace.model), "--host", host,
+                    "--port", str(port)]
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert len(err.strip().splitlines()) == 1 and f"cannot listen on {host}:{port}" in err, err
+    finally:
+        holder.close()
+    assert not started
     assert not (workspace.model / ".gradstore-server.lock").exists()

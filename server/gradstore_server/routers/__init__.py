@@ -16,6 +16,7 @@ _DESCRIPTIONS = {
     409: "conflict: the ID was erased, the request id was used for another request, or the drift budget has no "
          "panel example left to read it",
     413: "request body over the size limit",
+    415: "a body declared as something other than JSON (send Content-Type: application/json)",
     422: "malformed request: schema violation, or input the model or store cannot take",
     500: "internal error (a bug: bad input never causes one)",
     503: "temporarily unable: the store is locked, the forget queue is full, or the server is degraded",

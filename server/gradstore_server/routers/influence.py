@@ -13,7 +13,7 @@ from . import errors, get_engine
 router = APIRouter(tags=["influence"])
 
 
-@router.post("/influence", response_model=InfluenceResult, responses=errors(401, 404, 409, 413, 422, 500, 503),
+@router.post("/influence", response_model=InfluenceResult, responses=errors(401, 404, 409, 413, 415, 422, 500, 503),
              summary="Top-k influential training examples of a text or a stored example")
 def influence(body: Annotated[InfluenceBody, Body()],
               engine: Engine = Depends(get_engine)) -> dict[str, Any]:

@@ -19,4 +19,5 @@ def stats(engine: Engine = Depends(get_engine), jobs: JobManager = Depends(get_j
     # A plain `def` handler: FastAPI runs it on its threadpool, so the store I/O never blocks the event loop.
     out = engine.stats()
     out["jobs"] = jobs.counts()
+    out["degraded"] = engine.degraded
     return out

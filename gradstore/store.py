@@ -808,6 +808,12 @@ class GradStore:
         return [json.loads(self._objects.read(f"{AUDIT}/{n}")) for n in self._objects.list_dir(AUDIT)
                 if n.endswith(".json")]
 
+    def audit_log_newest_first(self) -> Iterator[dict[str, Any]]:
+        """The audit records, newest first, each read only when asked for (one listing, then one read each)."""
+        for name in reversed(self._objects.list_dir(AUDIT)):
+            if name.endswith(".json"):
+                yield json.loads(self._objects.read(f"{AUDIT}/{name}"))
+
     @property
     def objects(self) -> ObjectStore:
         """Byte-level access to the store's location (for components that keep their own records in it)."""

@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import torch
+
 ENV_PREFIX = "GRADSTORE_"
 MODES = ("first_epoch", "iterative")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")  # what both `logging` and uvicorn accept
@@ -86,6 +88,10 @@ class Settings:
             raise SettingsError(f"port must be at most 65535, got {self.port}")
         if not isinstance(self.forget_config, dict):
             raise SettingsError("forget_config must be a JSON object of ForgetConfig fields")
+        try:
+            torch.device(self.device)  # a name torch does not know is a bad setting (a missing GPU is not)
+        except (RuntimeError, TypeError) as err:
+            raise SettingsError(f"GRADSTORE_DEVICE: unknown device {self.device!r}: {err}") from None
 
     def __repr__(self) -> str:  # never print the keys (logs, tracebacks)
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_keys"}

@@ -181,12 +181,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gradstore import GradStore
 
     from . import data
-    from .train import MODEL_SIZES, TrainConfig, build_model, save_model, train_model
+    from .train import (
+        MODEL_SIZES,
+        TrainConfig,
+        build_model,
+        check_device,
+        check_new_model_dir,
+        save_model,
+        train_model,
+    )
     from .unlearn import record_trained_model, save_reference_set
 
-    # Checked before anything is read or written: a bad value must not leave a half-created store behind.
+    # Checked before anything is read or written: a bad value must not leave a half-created store behind, and
+    # a run must not train for minutes to fail at its save.
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     config.validate()
+    check_new_model_dir(args.out)
+    device = check_device(args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu"))
+    options = _storage_options(args)
+    try:
+        existing = GradStore.open(args.store, storage_options=options)
+    except FileNotFoundError:
+        existing = None
+    if existing is not None and len(existing):
+        # A new model's gradients do not belong beside another run's: with the `first` policy the IDs it
+        # shares with them would not even be captured, and its forgets would ascend the old run's rows.
+        raise ValueError(f"the store {args.store} already holds {len(existing)} examples captured from another "
+                         "training run: train into a new store")
     preset = data.CORPUS_SIZES[args.size]
     if args.data:
         documents = data.read_user_jsonl(args.data)
@@ -198,15 +219,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     sequences = data.encode_documents(tokenizer, documents, preset.max_tokens)
     model = build_model(args.size if args.size in MODEL_SIZES else "tiny", len(tokenizer), preset.max_tokens,
                         seed=args.seed, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    options = _storage_options(args)
-    created = False
-    try:
-        store = GradStore.open(args.store, storage_options=options)
-    except FileNotFoundError:
+    created = existing is None
+    if existing is not None:
+        store = existing  # empty (made with options of your own, say): it must fit this model
+        if (store.dim, store.vocab_size) != (model.config.n_embd, len(tokenizer)):
+            raise ValueError(f"the store {args.store} is for dim {store.dim} and vocabulary {store.vocab_size}; "
+                             f"this model has {model.config.n_embd} and {len(tokenizer)}: train into a new store")
+    else:
         store = GradStore.create(args.store, dim=model.config.n_embd, vocab_size=len(tokenizer), dtype=args.dtype,
                                  model_id=f"gpt2-{args.size}", capture_policy=args.capture, storage_options=options)
-        created = True
-    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     config = dataclasses.replace(config, device=device, pad_token_id=tokenizer.pad_token_id,
                                  autocast_dtype="bfloat16" if device == "cuda" else None)
     try:
@@ -261,17 +282,25 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def _forget(args: argparse.Namespace) -> int:
-    engine = _open_engine(args)
-    if args.text:
-        _, report = engine.forget_text(args.text, args.threshold, mode=args.mode, dry_run=args.dry_run,
-                                       request_id=args.request_id)
-    else:
-        raw = list(args.ids or [])
-        if args.ids_file:
+    if args.text is None and args.threshold is not None:
+        raise ValueError("--threshold applies to --text only (IDs are forgotten exactly as named)")
+    if args.text is not None and not args.text.strip():
+        raise ValueError("the text to match is empty")  # as `gradstore find` says
+    raw = list(args.ids or [])
+    if args.ids_file:
+        try:
             with open(args.ids_file, encoding="utf-8") as f:
                 # Only the line break goes: an ID may begin or end with spaces, and stripping them could name
                 # another stored example. Blank lines are skipped.
                 raw += [line.rstrip("\n") for line in f if line.strip()]
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{args.ids_file}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    engine = _open_engine(args)
+    if args.text is not None:
+        threshold = 0.5 if args.threshold is None else args.threshold
+        _, report = engine.forget_text(args.text, threshold, mode=args.mode, dry_run=args.dry_run,
+                                       request_id=args.request_id)
+    else:
         ids = [_resolve_id(engine.store, i, args.id_type) for i in raw]
         report = engine.forget(ids, mode=args.mode, dry_run=args.dry_run, request_id=args.request_id)
     _print(args, report.to_dict(), report.to_table())
@@ -321,7 +350,20 @@ def cmd_influence(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from gradstore import GradStore
 
-    store = GradStore.open(args.store, storage_options=_storage_options(args), read_only=True)
+    if args.adopt and args.model is None:
+        raise ValueError("--adopt needs --model DIR: the model to continue the audit chain from")
+    store = GradStore.open(args.store, storage_options=_storage_options(args), read_only=not args.adopt)
+    if args.adopt:
+        from .model_lock import ModelDirLock, ModelInUseError
+        from .train import load_model
+        from .unlearn import record_trained_model
+
+        try:
+            lock = ModelDirLock(args.model)  # not while a server or a forget may be changing those weights
+        except ModelInUseError as err:
+            raise ValueError(str(err)) from None
+        with lock:
+            record_trained_model(store, load_model(args.model)[0])
     records = store.audit_log()
     rows = [(r.get("request_id") or f"({r.get('kind')})", r.get("mode"), len(r.get("id_hashes", [])),
              r.get("metrics_before", {}).get("forget_loss"), r.get("metrics_after", {}).get("forget_loss"),
@@ -437,8 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how to read --ids / --ids-file: auto (a string the store holds or erased, else "
                              "an integer), int or str")
     # Above 0, as in the server: at 0 every stored example would match the text.
-    forget.add_argument("--threshold", type=_fraction(allow_zero=False), default=0.5,
-                        help="similarity threshold for --text, in (0, 1]")
+    forget.add_argument("--threshold", type=_fraction(allow_zero=False), default=None,
+                        help="similarity threshold for --text, in (0, 1] (default 0.5)")
     forget.add_argument("--mode", default="first_epoch", choices=["first_epoch", "iterative"])
     forget.add_argument("--holdout", metavar="FILE.jsonl", help="never-trained texts: the calibration target "
                         "(default: the store's reference set)")
@@ -479,6 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--store", required=True)
     audit.add_argument("--model", default=None, metavar="DIR",
                        help="also follow the records' model hashes to this saved model's weights (exit 4 if broken)")
+    audit.add_argument("--adopt", action="store_true",
+                       help="record the model in --model DIR as where the chain goes on from (after a change made "
+                            "off the record, such as fine-tuning, which forgets otherwise refuse); the break "
+                            "before it stays in the log")
     audit.add_argument("--json", action="store_true")
     _add_store_options(audit)
     audit.set_defaults(func=cmd_audit)
@@ -532,6 +578,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as err:
+        if not _from_object_storage(err):
+            raise
+        # No credentials, an endpoint that does not answer, access denied: the store's location is unusable.
+        print(f"gradstore: the object store failed: {type(err).__name__}: {_describe(err)}", file=sys.stderr)
+        return 2
+
+
+def _from_object_storage(err: BaseException) -> bool:
+    """Whether `err` comes from the S3 client libraries (they raise their own types, not OSError)."""
+    return type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs", "fsspec")
 
 
 def _describe(err: Exception) -> str:

@@ -29,7 +29,16 @@ from gradstore import GradStore
 from . import data
 from .evaluate import EvaluationReport, compare, evaluate_model, ks_test, perplexity
 from .tables import format_table
-from .train import TrainConfig, TrainResult, build_model, load_model, retrain_without, save_model, train_model
+from .train import (
+    TrainConfig,
+    TrainResult,
+    build_model,
+    check_device,
+    load_model,
+    retrain_without,
+    save_model,
+    train_model,
+)
 from .unlearn import ForgetConfig, ForgetReport, Unlearner, save_reference_set, verify_audit_chain
 
 
@@ -135,7 +144,7 @@ def run_demo(out: str | Path = "demo-out", size: str = "tiny", *, retrain: bool 
     """Run the demo; returns the report (also written to OUT/report.json, with OUT/report.png)."""
     started = time.perf_counter()
     spec = DEMO_SIZES[size]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out)
     if (out / "store").exists():
         raise FileExistsError(f"{out} already holds a demo run; choose another --out or remove it")

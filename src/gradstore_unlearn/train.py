@@ -206,6 +206,33 @@ class _null:
         return None
 
 
+def check_device(device: str) -> str:
+    """`device` if torch can run on it here, else `ValueError` naming what is wrong ("cuda" on a machine or a
+    torch build without CUDA, a name torch does not know)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}: {err}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}, "
+                         f"{'a CPU build' if torch.version.cuda is None else 'no GPU found'})")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def check_new_model_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """`out_dir` if a new model may be saved there (absent, or an empty directory), else `ValueError`: saving
+    over a model would replace weights that a store's audit chain, a server or a forget may be using."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory: choose a new model directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty (a model is saved there?): choose a new model directory, or "
+                         "remove it first")
+    return out
+
+
 def save_model(model: transformers.PreTrainedModel, tokenizer: Any, out_dir: str | os.PathLike[str],
                extra: dict[str, Any] | None = None) -> Path:
     """`save_pretrained` (safetensors) of the model and tokenizer, plus `gradstore-train.json` if `extra`."""

@@ -192,6 +192,11 @@ class ForgetConfig:
                 raise InvalidInputError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
+# What the report's count of `ids` means, by status: only a "forgotten" request forgot (and erased) them.
+_EXAMPLES_LABEL = {"forgotten": "examples forgotten", "dry_run": "examples it would forget",
+                   "target_not_met": "examples not forgotten (target not met)"}
+
+
 @dataclass
 class ForgetReport:
     """The outcome of one forget request. `ids` are the caller's; persisted copies keep only salted hashes."""
@@ -251,14 +256,17 @@ class ForgetReport:
         change = self.retain_change
         return format_pairs([
             ("request", self.request_id), ("status", self.status), ("mode", self.mode),
-            ("examples forgotten", len(self.ids)), ("already forgotten", len(self.already_forgotten)),
+            (_EXAMPLES_LABEL.get(self.status, "examples acted on"), len(self.ids)),
+            ("already forgotten", len(self.already_forgotten)),
             ("target (holdout) loss", self.target_loss), ("forget loss before", self.forget_loss_before),
             ("forget loss after", self.forget_loss_after), ("retain loss before", self.retain_loss_before),
             ("retain loss after", self.retain_loss_after),
             ("retain change", None if change is None else f"{100 * change:+.2f}%"),
             ("examples below their target", self._below_target_summary()),
             ("scale", self.scale), ("iterations", self.iterations), ("loss evaluations", self.evaluations),
-            ("model hash after", (self.model_hash_after or "-")[:16]),
+            ("model hash after", (self.model_hash_after or "-")[:16]
+             + (" (in memory only: nothing saved or erased)" if self.status == "target_not_met"
+                and self.model_hash_after and self.model_hash_after != self.model_hash_before else "")),
             ("carries changes of", ", ".join(c["request_id"] for c in self.carries) or "-"),
             ("drift budget", self._drift_summary()),
             ("erasure receipt", self.erasure_receipt),
@@ -507,6 +515,17 @@ def verify_audit_chain(store: GradStore, model: torch.nn.Module | None = None, *
     return AuditChain(commits, carried, first, trained, last, given, problems, pending)
 
 
+def audit_head(store: GradStore) -> str | None:
+    """The model hash the store's audit log ends at: the weights its newest forget commit saved, or the model its
+    newest training ended with (None when neither is on record). Reads the log from its newest end."""
+    for record in store.audit_log_newest_first():
+        if record.get("kind") == "forget":
+            return record.get("model_hash_after")
+        if record.get("kind") == "trained":
+            return record.get("model_hash")
+    return None
+
+
 def record_trained_model(store: GradStore, model: torch.nn.Module) -> str:
     """Append a `trained` record (the model's hash) to the store's audit log: where the forget audit chain starts.
 
@@ -574,6 +593,7 @@ class Unlearner:
                 f"the store (dim {store.dim}, vocab {store.vocab_size}) was not captured from this model "
                 f"(embedding {tuple(embedding.weight.shape)})")
         self.holdout = [list(s) for s in holdout] if holdout is not None else load_reference_set(store)
+        self._holdout_unchecked = holdout is not None  # a caller's holdout may hold trained texts: checked once
         self._retain = [list(s) for s in retain] if retain is not None else None
         vocab = embedding.weight.shape[0]
         for name, sequences in (("holdout", self.holdout), ("retain", self._retain)):
@@ -588,6 +608,7 @@ class Unlearner:
             pad_token_id = getattr(tokenizer, "pad_token_id", None) or getattr(model.config, "pad_token_id", 0) or 0
         self.pad_token_id = int(pad_token_id)
         self._doc_freq: torch.Tensor | None = None
+        self._stored_digests: set[bytes] = set()  # of every stored token sequence, filled with `_doc_freq`
         self._index: ShingleIndex | None = None
         self._id_hashes: dict[Any, str] = {}  # store.id_hash of IDs met (the salt is the store's, fixed)
         self._installed: str | None = None  # the last request whose after-state this process saved (or holds)
@@ -747,11 +768,13 @@ class Unlearner:
         """float32 [V]: how many stored examples contain each token (cached; updated on erasure)."""
         if self._doc_freq is None:
             counts = np.zeros(self.store.vocab_size, dtype=np.float64)
+            digests = set()
             for ids, sequences in self.store.iter_sequences():
                 for example_id, tokens in zip(ids, sequences, strict=True):
                     if not self._is_epoch_copy(example_id):  # an example counts once, however many epochs
                         counts[np.unique(tokens)] += 1
-            self._doc_freq = torch.from_numpy(counts).float()
+                        digests.add(_sequence_digest(tokens))
+            self._doc_freq, self._stored_digests = torch.from_numpy(counts).float(), digests
         return self._doc_freq
 
     def _token_shares(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
@@ -794,11 +817,11 @@ class Unlearner:
             raise UnknownIdError.naming(unknown, "forget")
         return present, already
 
-    def completed_request(self, request_id: str, ids: Sequence[Any]) -> ForgetReport | None:
+    def completed_request(self, request_id: str, ids: Sequence[Any], mode: str | None = None) -> ForgetReport | None:
         """The report of `request_id` if it was completed (its persisted copy: IDs as salted hashes), else None.
 
-        A request id names one request: asking for it again with other examples than it forgot raises
-        `ForgetError` (its report keeps the hashes of the IDs it named).
+        A request id names one request: asking for it again with other examples than it forgot, or (`mode`
+        given) in another mode, raises `ForgetError` (its report keeps the hashes of the IDs it named).
         """
         done = self._completed(check_request_id(request_id))
         if done is None:
@@ -807,6 +830,9 @@ class Unlearner:
         if asked != set(done.ids) | set(done.already_forgotten):
             raise ForgetError(f"request id {done.request_id!r} was already used for a different set of examples; "
                               "a repeated request must name the same IDs (or use a new request id)")
+        if mode is not None and mode != done.mode:
+            raise ForgetError(f"request id {done.request_id!r} was already used in mode {done.mode!r}; a repeated "
+                              f"request must ask for the same mode (or use a new request id)")
         return done
 
     def _completed(self, request_id: str) -> ForgetReport | None:
@@ -831,18 +857,19 @@ class Unlearner:
         # changes nothing and does not wait for the commit lock (a server runs it beside its own commits).
         self.recover(wait=not dry_run)
         present, already = self.resolve(ids)
-        if request_id is not None and not dry_run:
-            done = self.completed_request(request_id, present + already)
-            if done is not None:
+        if request_id is not None:
+            # Asked of a dry run too, so that it is refused where the request would be (an id used for other
+            # IDs); a dry run never stands for the completed request, though.
+            done = self.completed_request(request_id, present + already, mode)
+            if done is not None and not dry_run:
                 return done
         request_id = request_id or uuid.uuid4().hex
-        if dry_run or not present:
+        if not present:
             return ForgetReport(request_id, "dry_run" if dry_run else "nothing_to_do", mode, ids=present,
-                                already_forgotten=already,
-                                message="" if present else "every ID was already forgotten")
-        if not self.holdout:
-            raise ForgetError("no holdout examples to calibrate against: pass holdout= (token sequences the model "
-                              "never saw) or keep a reference set in the store (save_reference_set)")
+                                already_forgotten=already, message="every ID was already forgotten")
+        self._check_holdout()
+        if dry_run:
+            return ForgetReport(request_id, "dry_run", mode, ids=present, already_forgotten=already)
         start = time.perf_counter()
         report = ForgetReport(request_id, "target_not_met", mode, ids=present, already_forgotten=already,
                               target_tolerance=self.config.target_tolerance,
@@ -854,6 +881,8 @@ class Unlearner:
             after = [c["model_hash_after"] for c in self._uncommitted]
             keep = len(after) - after[::-1].index(report.model_hash_before) if report.model_hash_before in after else 0
             self._uncommitted, self._inadmissible = self._uncommitted[:keep], None
+        self._check_audit_head(self._uncommitted[0]["model_hash_before"] if self._uncommitted
+                               else report.model_hash_before)
         if self._inadmissible is not None:
             raise ForgetError(f"the model holds the change that request {self._inadmissible} left beyond the retain guard "
                               "or past the target (a fixed step, calibrate=False): a request would build on it and "
@@ -897,6 +926,36 @@ class Unlearner:
         self._uncommitted = []  # saved with this commit (its audit record names them)
         report.seconds = time.perf_counter() - start
         return report
+
+    def _check_holdout(self) -> None:
+        """The calibration target needs examples the model never saw: refuse a holdout that is missing, or that
+        holds a stored (trained) example's token sequence (its loss would make a target the forgotten examples
+        already meet, and the request would erase them without forgetting anything)."""
+        if not self.holdout:
+            raise ForgetError("no holdout examples to calibrate against: pass holdout= (token sequences the model "
+                              "never saw; `gradstore forget --holdout FILE.jsonl`) or keep a reference set in the "
+                              "store (save_reference_set)")
+        if self._holdout_unchecked:
+            self.document_frequency()  # fills the stored sequences' digests
+            trained = [i for i, seq in enumerate(self.holdout) if _sequence_digest(seq) in self._stored_digests]
+            if trained:
+                raise ForgetError(f"holdout sequence {trained[0]} (of {len(self.holdout)}; {len(trained)} in all) is "
+                                  "the token sequence of a stored example: the model was trained on it, so its loss "
+                                  "is no target for forgetting. The holdout must be texts the model never saw")
+            self._holdout_unchecked = False
+
+    def _check_audit_head(self, base_hash: str) -> None:
+        """Refuse a request on a model other than the one the store's audit log ends at (`base_hash`: the model
+        before this engine's uncommitted changes). An older copy, say: its commit would erase the examples' rows
+        while the model that is served keeps what they taught it, and could then never forget them."""
+        head = audit_head(self.store)
+        if head is not None and head != base_hash:
+            raise ForgetError(
+                f"the model (hash {base_hash[:16]}) is not the one the store's audit log ends at ({head[:16]}: the "
+                "weights the last forget saved, or the model training recorded): forgetting on it would erase the "
+                "rows while that model keeps what they taught it. Load that model (`gradstore audit --model DIR` "
+                "checks a directory); if this one descends from it by a change made off the record (fine-tuning, "
+                "say), adopt it first: `gradstore audit --model DIR --adopt` (record_trained_model)")
 
     def _parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The parameters a request may change: the embedding, plus the chosen blocks for the ablation."""
@@ -1633,6 +1692,11 @@ def _stored_update(batch: Any, ids: list[Any], device: torch.device
     rows = batch.dequantized() if batch.scales is not None else batch.rows.to(torch.float32)
     return (batch.offsets.to(device), batch.token_ids.to(device), rows.to(device),
             torch.tensor(lrs, dtype=torch.float32, device=device))
+
+
+def _sequence_digest(tokens: Any) -> bytes:
+    """A short digest of a token sequence (equal sequences, whatever their container, digest alike)."""
+    return hashlib.blake2b(np.asarray(tokens, dtype=np.int64).tobytes(), digest_size=16).digest()
 
 
 def _sequences_by_id(batch: Any, ids: list[Any]) -> list[list[int]]:

@@ -20,7 +20,7 @@ from gradstore_server.engine import Engine
 from gradstore_server.errors import ApiError
 from gradstore_unlearn import cli, unlearn
 from gradstore_unlearn.train import load_model
-from gradstore_unlearn.unlearn import ForgetConfig, Unlearner, model_hash
+from gradstore_unlearn.unlearn import ForgetConfig, Unlearner, model_hash, record_trained_model
 
 
 def pending_record(store: GradStore, ids: list, *, status: str, attempts: int, request_id: str | None = None) -> dict:
@@ -186,6 +186,8 @@ def test_weights_replaced_on_disk_stop_forgets_until_a_restart(workspace):
         assert refused.status_code == 503 and refused.json()["code"] == "degraded"
         assert client.get("/v1/stats").json()["model"]["hash"] == served
     assert disk_hash(workspace) == replaced  # not overwritten
+    # Weights changed off the record are only forgotten on once adopted (`gradstore audit --adopt`).
+    record_trained_model(GradStore.open(workspace.store), load_model(workspace.model)[0])
     with serve(workspace) as client:
         done = wait_job(client, job["job_id"])
         assert done["status"] == "completed" and done["result"]["model_hash_before"] == replaced

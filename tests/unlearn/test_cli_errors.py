@@ -161,6 +161,25 @@ def test_audit_follows_the_hash_chain_to_the_saved_model(ws, capsys):
     assert code == 0 and chain["whole"] and chain["last_hash"] == chain["model_hash"] == on_disk
 
 
+def test_audit_adopt_continues_the_chain_from_a_model_changed_off_the_record(ws, capsys):
+    from gradstore_unlearn.train import load_model
+    from gradstore_unlearn.unlearn import model_hash, save_weights_atomically
+
+    model = load_model(ws / "model")[0]
+    with __import__("torch").no_grad():
+        model.get_input_embeddings().weight[3] += 0.5  # fine-tuned after training, say
+    save_weights_atomically(model, ws / "model")
+    code, out, err = run(capsys, "forget", "--store", ws / "store", "--model", ws / "model", "--ids", "rec-1")
+    assert code == 2 and "is not the one the store's audit log ends at" in one_line_error(err)
+    assert run(capsys, "audit", "--store", ws / "store", "--model", ws / "model")[0] == 4
+    code, out, _ = run(capsys, "audit", "--store", ws / "store", "--model", ws / "model", "--adopt", "--json")
+    chain = strict_json(out)["chain"]
+    assert code == 0 and chain["whole"] and chain["trained_hash"] == model_hash(model)
+    code, out, err = run(capsys, "forget", "--store", ws / "store", "--model", ws / "model", "--ids", "rec-1",
+                         "--dry-run")
+    assert code == 0, err
+
+
 # ------------------------------------------------------------------------------------- paths, pipes
 def test_unusable_paths_are_one_line_errors(ws, capsys):
     a_file = ws / "a-file"
@@ -266,17 +285,44 @@ def test_train_that_fails_removes_the_store_it_created(tmp_path, capsys, monkeyp
     assert "removed the store it had created" in capsys.readouterr().err
 
 
+def _empty_store_like(path: Path, store: Path) -> Path:
+    reference = GradStore.open(store)
+    GradStore.create(path, dim=reference.dim, vocab_size=reference.vocab_size, dtype=reference.dtype)
+    return path
+
+
+def test_train_refuses_another_runs_store_and_a_saved_model(tmp_path, capsys):
+    corpus, store, model = _user_corpus(tmp_path), tmp_path / "store", tmp_path / "model"
+    assert cli.main(["train", "--store", str(store), "--out", str(model), "--data", str(corpus), "--epochs", "1",
+                     "--json"]) == 0
+    held = len(GradStore.open(store))
+    capsys.readouterr()
+    # Another run's gradients do not go beside these (with the `first` policy its shared IDs would not even be
+    # captured), and a saved model is never overwritten: both refused before any training.
+    for out, into, says in ((tmp_path / "again", store, "already holds"), (model, tmp_path / "new", "not empty")):
+        assert cli.main(["train", "--store", str(into), "--out", str(out), "--data", str(corpus), "--epochs", "1",
+                         "--json"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+    assert len(GradStore.open(store)) == held and not (tmp_path / "again").exists()
+    assert not (tmp_path / "new").exists()
+    # An empty store of another shape is refused too.
+    GradStore.create(tmp_path / "narrow", dim=8, vocab_size=50, dtype="float32")
+    assert cli.main(["train", "--store", str(tmp_path / "narrow"), "--out", str(tmp_path / "m3"), "--data",
+                     str(corpus), "--epochs", "1", "--json"]) == 2
+    assert "train into a new store" in capsys.readouterr().err
+
+
 def test_train_that_fails_leaves_an_existing_store_and_says_so(tmp_path, capsys, monkeypatch):
     corpus = _user_corpus(tmp_path)
-    store = tmp_path / "store"
-    assert cli.main(["train", "--store", str(store), "--out", str(tmp_path / "model"), "--data", str(corpus),
-                     "--epochs", "1", "--json"]) == 0
-    before = len(GradStore.open(store).ids())
+    assert cli.main(["train", "--store", str(tmp_path / "first"), "--out", str(tmp_path / "model"), "--data",
+                     str(corpus), "--epochs", "1", "--json"]) == 0
+    store = _empty_store_like(tmp_path / "store", tmp_path / "first")  # made with options of one's own, say
     _failing_train(monkeypatch, RuntimeError("disk full"))
     with pytest.raises(RuntimeError):
         cli.main(["train", "--store", str(store), "--out", str(tmp_path / "again"), "--data", str(corpus),
                   "--epochs", "1", "--json"])
-    assert len(GradStore.open(store).ids()) == before
+    assert len(GradStore.open(store).ids()) == 1  # what it captured stays: the store was not the run's own
     assert "remain in the existing store" in capsys.readouterr().err
 
 
@@ -294,10 +340,11 @@ def test_train_records_the_trained_model_only_once_it_is_saved(tmp_path, capsys,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(train, "save_model", no_room)
-    assert cli.main(["train", "--store", str(store), "--out", str(tmp_path / "again"), "--data", str(corpus),
+    empty = _empty_store_like(tmp_path / "empty", store)
+    assert cli.main(["train", "--store", str(empty), "--out", str(tmp_path / "again"), "--data", str(corpus),
                      "--epochs", "1", "--json"]) == 2
-    # A model that was never saved is no start of the store's audit chain: the first one still is.
-    assert GradStore.open(store).audit_log() == [trained]
+    # A model that was never saved is no start of an audit chain.
+    assert GradStore.open(empty).audit_log() == []
 
 
 def test_loading_a_model_draws_no_bar_and_keeps_the_callers_setting(ws, capfd):
@@ -383,12 +430,20 @@ def test_bad_input_is_exit_2_with_one_line(ws, capsys):
     (no_tokenizer / "tokenizer.json").unlink()
     holdout = ws / "holdout.jsonl"
     holdout.write_text(json.dumps({"id": 1, "text": "hello there"}) + "\n")
+    not_utf8 = ws / "ids.txt"
+    not_utf8.write_bytes(b"rec-1\n\xff\xfe\n")
     cases = [
         (["info", ws / "store", "--storage-option", "noequals"], "--storage-option expects KEY=VALUE"),
         (["forget", "--store", ws / "store", "--model", no_tokenizer, "--ids", "rec-1", "--holdout", holdout,
           "--dry-run"], "--holdout needs the model directory's tokenizer"),
         (["find", "--store", ws / "store", "--model", ws / "model", "--text", ""], "text to match is empty"),
         (["find", "--store", ws / "store", "--model", ws / "model", "--text", " "], "text to match is empty"),
+        (["forget", "--store", ws / "store", "--model", ws / "model", "--text", " "], "text to match is empty"),
+        (["forget", "--store", ws / "store", "--model", ws / "model", "--ids", "rec-1", "--threshold", "0.5"],
+         "--threshold applies to --text only"),
+        (["forget", "--store", ws / "store", "--model", ws / "model", "--ids-file", not_utf8], "not UTF-8 text"),
+        (["train", "--store", ws / "new-store", "--out", ws / "new-model", "--device", "bogus"], "unknown device"),
+        (["audit", "--store", ws / "store", "--adopt"], "--adopt needs --model"),
     ]
     for argv, message in cases:
         code, out, err = run(capsys, *argv)

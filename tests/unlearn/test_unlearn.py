@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -22,6 +23,7 @@ from gradstore_unlearn.unlearn import (
     ForgetReport,
     Unlearner,
     model_hash,
+    record_trained_model,
     save_reference_set,
     verify_audit_chain,
 )
@@ -127,12 +129,15 @@ def test_a_request_that_stops_short_says_which_examples_and_how_many_rows_they_o
     assert ForgetReport.from_dict(report.to_dict()).examples == report.examples
 
 
-def test_an_over_large_initial_scale_is_pulled_back_by_calibration(world):
+def test_an_over_large_initial_scale_is_pulled_back_by_calibration(world, tmp_path):
+    # The fixed step gets its own copy of the trained model and store: a model is only forgotten on where the
+    # store's audit log ends.
+    pristine, other = copy.deepcopy(world.model), GradStore.open(shutil.copytree(world.store.uri, tmp_path / "other"))
     unlearner = Unlearner(world.model, world.store, config=ForgetConfig(initial_scale=1e6))
     report = unlearner.forget(["r2"], mode="first_epoch")
     assert report.forget_loss_after <= report.target_loss * 1.02 + 1e-9  # no overshoot past never-seen
     assert report.retain_loss_after <= report.retain_loss_before * 1.02 + 1e-9  # no collapse
-    fixed = Unlearner(copy.deepcopy(world.model), world.store,
+    fixed = Unlearner(pristine, other,
                       config=ForgetConfig(initial_scale=1e6, calibrate=False)).forget(["r3"], mode="first_epoch")
     assert fixed.forget_loss_after > fixed.target_loss * 1.5 or fixed.retain_loss_after > fixed.retain_loss_before * 1.1
 
@@ -151,7 +156,11 @@ def test_requests_are_idempotent_and_already_forgotten_ids_are_reported(world):
     with pytest.raises(ForgetError, match="already used for a different set of examples"):
         unlearner.forget(["r5"], mode="iterative", request_id="req-1")
     assert "r5" in world.store and model_hash(world.model) == state
-    assert unlearner.forget(["r5"], request_id="req-1", dry_run=True).status == "dry_run"  # a dry run looks afresh
+    with pytest.raises(ForgetError, match="already used for a different set of examples"):  # a dry run alike
+        unlearner.forget(["r5"], request_id="req-1", dry_run=True)
+    with pytest.raises(ForgetError, match="already used in mode 'iterative'"):  # and the mode is part of it
+        unlearner.forget(["r4"], mode="first_epoch", request_id="req-1")
+    assert unlearner.forget(["r4"], mode="iterative", request_id="req-1", dry_run=True).status == "dry_run"
 
 
 def test_five_sequential_requests_each_act_on_the_current_model(world):
@@ -215,7 +224,7 @@ def test_a_crash_after_the_model_is_saved_is_finished_on_restart(world, tmp_path
     reloaded, _ = load_model(model_dir)  # the after-state was saved
     restarted = Unlearner(reloaded, GradStore.open(world.store.uri), model_dir=model_dir, config=LENIENT)
     assert "r1" not in restarted.store and restarted.store.is_erased("r1")
-    assert restarted.forget(["r1"], request_id="crashy").status == "forgotten"  # the finished request
+    assert restarted.forget(["r1"], mode="iterative", request_id="crashy").status == "forgotten"  # the finished one
 
 
 def test_a_crash_before_the_model_is_saved_rolls_back(world, tmp_path, monkeypatch):
@@ -434,9 +443,12 @@ def test_a_crash_after_an_unsaved_change_does_not_block_the_restart(world, tmp_p
 
     model_dir = saved(world, tmp_path)
     on_disk = model_hash(world.model)
-    unlearner = Unlearner(world.model, world.store, model_dir=model_dir, config=LENIENT)
-    with torch.no_grad():
-        world.model.get_input_embeddings().weight[5] += 0.01  # what a target_not_met request leaves behind
+    # A small fixed step stops short of the target within the guard: its change stays in memory, unsaved.
+    unlearner = Unlearner(world.model, world.store, model_dir=model_dir,
+                          config=ForgetConfig(calibrate=False, initial_scale=1e-3))
+    assert unlearner.forget(["r2"], mode="first_epoch").status == "target_not_met"
+    assert model_hash(world.model) != on_disk
+    unlearner.config = LENIENT
     with monkeypatch.context() as patch:
         patch.setattr(engine, "save_weights_atomically", lambda *a, **k: (_ for _ in ()).throw(Crash()))
         with pytest.raises(Crash):
@@ -503,7 +515,7 @@ def test_a_finish_replayed_after_a_late_crash_writes_one_audit_record_and_keeps_
     again = restart(world, model_dir)
     audit = [r for r in forget_records(again.store) if r["request_id"] == "E"]
     assert len(audit) == 1 and audit[0]["erasure_receipt"]
-    assert again.forget(["r1"], request_id="E").erasure_receipt == audit[0]["erasure_receipt"]
+    assert again.forget(["r1"], mode="iterative", request_id="E").erasure_receipt == audit[0]["erasure_receipt"]
 
 
 def test_a_second_engine_opened_during_a_commit_leaves_its_journal_alone(world, tmp_path, monkeypatch):
@@ -587,10 +599,11 @@ def test_bad_text_queries_and_reference_sequences_get_clear_errors(world):
 
 
 def test_a_record_already_at_its_target_is_erased_without_a_step(world):
-    """Its loss already reaches the target (here: the holdout is the record itself): no ascent at all (scale 0),
-    the model unchanged, and the erasure still happens."""
+    """Its loss already reaches the target (here: the reference set is the record itself, a holdout the engine
+    would refuse from a caller): no ascent at all (scale 0), the model unchanged, and the erasure still happens."""
     state = model_hash(world.model)
-    report = Unlearner(world.model, world.store, holdout=[world.train["r2"]], config=LENIENT).forget(["r2"])
+    save_reference_set(world.store, [world.train["r2"]])
+    report = Unlearner(world.model, world.store, config=LENIENT).forget(["r2"])
     assert report.status == "forgotten" and report.scale == 0.0 and world.store.is_erased("r2")
     assert model_hash(world.model) == state
 
@@ -655,7 +668,15 @@ def test_a_commit_over_weights_another_engine_saved_is_refused(world, tmp_path):
     elsewhere = copy.deepcopy(world.model)
     with torch.no_grad():
         elsewhere.get_input_embeddings().weight[3] += 1.0
-    save_weights_atomically(elsewhere, model_dir)  # another process committed its forget meanwhile
+    calibrate = engine._calibrate
+
+    def another_process_commits_meanwhile(*args, **kwargs):
+        out = calibrate(*args, **kwargs)
+        save_weights_atomically(elsewhere, model_dir)
+        record_trained_model(world.store, elsewhere)  # stands for that commit's audit record
+        return out
+
+    engine._calibrate = another_process_commits_meanwhile
     before = model_hash(world.model)
     with pytest.raises(ForgetError, match="were replaced since this engine read them"):
         engine.forget(["r1"], mode="iterative")
@@ -1088,3 +1109,47 @@ def test_the_trained_model_is_recorded_through_its_wrapper(world):
     assert model_hash(Wrapped(world.model)) != model_hash(world.model)
     assert record_trained_model(world.store, Wrapped(world.model)) == model_hash(world.model)
     assert world.store.audit_log()[-1]["model_hash"] == model_hash(world.model)
+
+
+def test_a_model_that_is_not_where_the_audit_log_ends_is_refused_until_adopted(world, tmp_path):
+    """An older copy of the model (here: the trained one, after a committed forget) must not forget: its commit
+    would erase the rows, and the model on record, which still knows those examples, could never forget them."""
+    old_copy = copy.deepcopy(world.model)
+    model_dir = saved(world, tmp_path)
+    first = Unlearner(world.model, world.store, model_dir=model_dir, config=LENIENT).forget(["r1"], mode="iterative")
+    assert first.status == "forgotten"
+    stale = Unlearner(old_copy, world.store, config=LENIENT)
+    for dry_run in (False, True):
+        with pytest.raises(ForgetError, match="is not the one the store's audit log ends at") if not dry_run \
+                else contextlib.nullcontext():
+            stale.forget(["r2"], mode="iterative", dry_run=dry_run)
+    assert "r2" in world.store and not world.store.is_erased("r2")
+    # The model on disk (where the log ends) forgets; so does the old copy once adopted, as a fine-tuned one
+    # would be (`gradstore audit --adopt`), and the chain then goes on from it.
+    adopted = record_trained_model(world.store, old_copy)
+    assert stale.forget(["r2"], mode="iterative").status in ("forgotten", "target_not_met")  # not refused
+    chain = verify_audit_chain(world.store)
+    assert chain.trained_hash == adopted and chain.whole
+
+
+def test_a_holdout_of_trained_sequences_is_refused(world):
+    """A caller's holdout holding a stored example's sequence would make a target the forgotten examples already
+    meet: the request would erase them without forgetting anything."""
+    holdout = [world.holdout[0], world.train["r3"]]
+    unlearner = Unlearner(world.model, world.store, holdout=holdout, config=LENIENT)
+    state = model_hash(world.model)
+    for dry_run in (True, False):
+        with pytest.raises(ForgetError, match=r"holdout sequence 1 .* is the token sequence of a stored example"):
+            unlearner.forget(["r1"], dry_run=dry_run)
+    assert "r1" in world.store and model_hash(world.model) == state
+    fine = Unlearner(world.model, world.store, holdout=world.holdout, config=LENIENT)
+    assert fine.forget(["r1"], dry_run=True).status == "dry_run"
+
+
+def test_a_report_that_stopped_short_does_not_call_its_examples_forgotten():
+    report = ForgetReport("q", "target_not_met", "first_epoch", ids=["a"], model_hash_before="0" * 64,
+                          model_hash_after="1" * 64)
+    table = report.to_table()
+    assert "examples not forgotten (target not met)" in table and "examples forgotten" not in table
+    assert "in memory only: nothing saved or erased" in table
+    assert "examples it would forget" in ForgetReport("q", "dry_run", "first_epoch", ids=["a"]).to_table()

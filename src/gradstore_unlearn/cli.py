@@ -172,8 +172,12 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     corpus = data.build_corpus_preset(args.size, seed=args.seed)
     paths = data.write_corpus(corpus, args.out)
     counts = corpus.split_counts()
+    # Documents per file: train.jsonl is the whole training set (the docstrings' `train` split and the records
+    # of `forget` and `retain`), not the split of that name.
+    lines = {**counts, "corpus": len(corpus), "train": len(corpus.train_documents())}
+    rows = [(paths[name].name, lines[name]) for name in ("corpus", "train", "forget", "retain", "holdout", "eval")]
     _print(args, {"out": str(args.out), "files": {k: str(v) for k, v in paths.items()}, "counts": counts},
-           format_pairs(sorted(counts.items()), title=f"corpus written to {args.out}"))
+           format_pairs(rows, title=f"corpus written to {args.out} (documents per file)"))
     return 0
 
 

@@ -499,3 +499,11 @@ def test_drift_raises_a_budget_and_keeps_its_baseline(ws, capsys):
         first["members"], first["baseline_model_hash"], first["baseline_loss"])
     code, _, err = run(capsys, "drift", *where, "--set", "0.1", "--keep-baseline", "--panel", "4")
     assert code == 2 and "keeps the panel" in one_line_error(err)
+
+
+def test_corpus_counts_the_documents_of_each_file_it_writes(tmp_path, capsys):
+    code, out, _ = run(capsys, "corpus", "--out", tmp_path / "c", "--size", "tiny")
+    assert code == 0
+    shown = dict(line.split() for line in out.strip().splitlines()[1:])
+    for name, count in shown.items():
+        assert int(count) == len((tmp_path / "c" / name).read_text().splitlines()), name

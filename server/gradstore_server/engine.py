@@ -43,6 +43,7 @@ from gradstore_unlearn.unlearn import (
     ForgetError,
     ForgetReport,
     Unlearner,
+    audit_head,
     model_hash,
     verify_audit_chain,
     weights_fingerprint,
@@ -155,6 +156,14 @@ class Engine:
             self._snapshot = self._new_snapshot(model, model_hash(model), version=0)
             self._weights = weights
             self.degraded = None  # a restart settles what a failed commit left undecided
+            head = audit_head(self.store)
+            if head is not None and head != self._snapshot.model_hash:
+                # Every forget would be refused (the library's audit-head check): say so once, keep the queue.
+                self.degraded = (f"the weights served ({self._snapshot.model_hash[:16]}) are not where the store's "
+                                 f"audit log ends ({head[:16]}): forgets wait until they are adopted (stop the "
+                                 "server, run `gradstore audit --model DIR --adopt`, start it again) or the "
+                                 "recorded weights are put back")
+                log.error("%s", self.degraded)
         except BaseException:
             self._model_lock.release()
             raise
@@ -332,7 +341,7 @@ class Engine:
         with self.reading() as snap:
             return snap.unlearner.find(text, threshold, metric=metric, limit=None)
 
-    def check_request_id(self, request_id: str, ids: Sequence[Any]) -> bool:
+    def check_request_id(self, request_id: str, ids: Sequence[Any], mode: str | None = None) -> bool:
         """Whether the library completed `request_id` (say from the command line) for these IDs; 409 if it
         completed it for other examples.
 
@@ -341,7 +350,7 @@ class Engine:
         reuse for other IDs (and replays for the same ones). Asked before a job is queued, and when it runs."""
         with self.reading() as snap:
             try:
-                return snap.unlearner.completed_request(request_id, ids) is not None
+                return snap.unlearner.completed_request(request_id, ids, mode) is not None
             except ForgetError as err:
                 raise ApiError(409, "request_id_conflict", str(err)) from None
 

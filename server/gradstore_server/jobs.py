@@ -153,7 +153,7 @@ class JobManager:
             doc = None
         if doc is not None:  # the library committed it (possibly in its own recovery just now)...
             try:  # ...unless someone else (the command line) completed this request id for other examples
-                self.engine.check_request_id(record["request_id"], record.get("pending_ids") or [])
+                self.engine.check_request_id(record["request_id"], record.get("pending_ids") or [], record["mode"])
             except ApiError as err:
                 self._finish(record, "failed", error={"code": err.code, "message": err.message})
                 log.warning("job %s: %s", record["job_id"], err.message)
@@ -229,12 +229,12 @@ class JobManager:
                 already = []
             else:
                 ids, already = self.engine.plan_ids(request.ids)
-            replay = self._completed_elsewhere(request.request_id, ids)
+            mode = request.mode or self.settings.default_mode
+            replay = self._completed_elsewhere(request.request_id, ids, mode)
             if len(already) == len(ids) and not replay:
                 raise ApiError(409, "already_erased", "every requested ID was already erased: "
                                + ", ".join(repr(i) for i in already[:10]) + ("..." if len(already) > 10 else ""),
                                ids=already)
-            mode = request.mode or self.settings.default_mode
             job_id = uuid.uuid4().hex
             now = time.time()
             record: dict[str, Any] = {
@@ -277,11 +277,11 @@ class JobManager:
         return ApiError(409, "request_id_conflict", f"request_id {request_id!r} was used for a different "
                         f"request{job}")
 
-    def _completed_elsewhere(self, request_id: str | None, ids: list[Any]) -> bool:
+    def _completed_elsewhere(self, request_id: str | None, ids: list[Any], mode: str) -> bool:
         """True if the library completed `request_id` for exactly these IDs without a job of ours (the command
-        line's `gradstore forget --request-id`): the job replays that report. For other IDs that is the same
-        conflict as a request id reused here: 409 `request_id_conflict`."""
-        return request_id is not None and self.engine.check_request_id(request_id, ids)
+        line's `gradstore forget --request-id`): the job replays that report. For other IDs, or another mode, that is
+        the same conflict as a request id reused here: 409 `request_id_conflict`."""
+        return request_id is not None and self.engine.check_request_id(request_id, ids, mode)
 
     def _fingerprint(self, request: Any) -> str:
         """What makes two submissions under one request id the same request: the set of IDs (as the library

@@ -311,6 +311,11 @@ class AuditQuery(BaseModel):
     limit: int = Field(100, ge=1, le=MAX_AUDIT_PAGE, description="records per page")
 
 
+class AdoptedModel(_Out):
+    model_hash: str
+    previous_head: str | None = Field(description="where the audit log ended before it was adopted")
+
+
 class AuditChain(_Out):
     whole: bool = Field(description="every audited change starts from the model the one before it left, and the "
                                     "last one's weights are the ones served")
@@ -326,6 +331,8 @@ class AuditChain(_Out):
     problems: list[str]
     pending: list[str] = Field(description="request ids whose weights are saved but whose audit record is not "
                                            "yet written")
+    adopted: list[AdoptedModel] = Field(description="models adopted since the newest training (`gradstore audit "
+                                                    "--adopt`), oldest first: changes made off the record, named")
 
 
 class AuditPage(_Out):

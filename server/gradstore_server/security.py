@@ -42,7 +42,12 @@ def key_problem(key: str | None, digests: tuple[bytes, ...]) -> str | None:
 
 
 def protected(scope: Scope) -> bool:
-    path = scope.get("path", "")
+    """Whether the request goes to a /v1 route. Routing matches the path without the application's root path
+    (the prefix it is mounted or proxied under), so the check must too: "/api/v1/stats" under root path "/api"
+    is a /v1 route."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
     return scope["type"] == "http" and (path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/"))
 
 

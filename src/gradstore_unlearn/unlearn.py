@@ -439,6 +439,9 @@ class AuditChain:
     # Commits in progress or interrupted after their weights were saved (journaled, audit record not yet
     # written): links whose after-state is the model given; the next engine on the store finishes them.
     pending: list[str] = field(default_factory=list)
+    # Models adopted since the newest training (`adopt_model`): each {"model_hash", "previous_head"}, oldest first.
+    # The chain goes on from the newest; each is a change made off the record, named here so that none is hidden.
+    adopted: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def whole(self) -> bool:
@@ -456,6 +459,8 @@ class AuditChain:
                  + (f"; model given: {self.model_hash[:16]}" if self.model_hash else "")]
         if self.pending:
             lines.append(f"  pending (weights saved, audit record not yet written): {', '.join(self.pending)}")
+        lines += [f"  adopted model {a['model_hash'][:16]}, changed off the record from "
+                  f"{(a.get('previous_head') or '-')[:16]}" for a in self.adopted]
         return "\n".join(lines + [f"  {p}" for p in self.problems])
 
 
@@ -470,12 +475,18 @@ def verify_audit_chain(store: GradStore, model: torch.nn.Module | None = None, *
     problems: list[str] = []
     first = previous = trained = last = None  # last: the model the newest commit saved (none since training)
     commits = carried = 0
+    adopted: list[dict[str, Any]] = []
     for record in store.audit_log():
         if record.get("kind") == "trained":
             # Training (again) with capture: the chain starts again from the model it ended with (the commits
             # before it are counted no more; a break found before it stays a problem).
             trained = previous = first = record.get("model_hash")
-            last, commits, carried = None, 0, 0
+            last, commits, carried, adopted = None, 0, 0, []
+            continue
+        if record.get("kind") == "adopted":
+            # A model changed off the record, adopted deliberately: the chain goes on from it, and says so.
+            previous = last = record.get("model_hash")
+            adopted.append({"model_hash": previous, "previous_head": record.get("previous_head")})
             continue
         if record.get("kind") != "forget":
             continue
@@ -512,18 +523,45 @@ def verify_audit_chain(store: GradStore, model: torch.nn.Module | None = None, *
     if given is not None and previous is not None and given != previous:
         source = "the trained model's" if last is None else "the ones the last commit saved"
         problems.append(f"the model's weights ({given[:16]}) are not {source} ({previous[:16]})")
-    return AuditChain(commits, carried, first, trained, last, given, problems, pending)
+    return AuditChain(commits, carried, first, trained, last, given, problems, pending, adopted)
 
 
 def audit_head(store: GradStore) -> str | None:
     """The model hash the store's audit log ends at: the weights its newest forget commit saved, or the model its
-    newest training ended with (None when neither is on record). Reads the log from its newest end."""
+    newest training ended with or that was adopted last (None when none is on record). Reads the log from its
+    newest end."""
     for record in store.audit_log_newest_first():
         if record.get("kind") == "forget":
             return record.get("model_hash_after")
-        if record.get("kind") == "trained":
+        if record.get("kind") in ("trained", "adopted"):
             return record.get("model_hash")
     return None
+
+
+def adopt_model(store: GradStore, model: torch.nn.Module) -> str:
+    """Append an `adopted` record: the audit chain goes on from `model`, changed off the record from where the log
+    ended (fine-tuned after training, say). Returns its hash.
+
+    Refused for a model that is an earlier state on the record (the model before a committed forget, say): it
+    still knows what later commits erased, and those examples could never be forgotten from it."""
+    digest = model_hash(_unwrapped(model))
+    head = audit_head(store)
+    if digest == head:
+        return digest  # already where the log ends
+    earlier: dict[str, str] = {}
+    for record in store.audit_log():
+        if record.get("kind") == "forget":
+            for link in [*(record.get("carries") or []), record]:
+                earlier.setdefault(str(link.get("model_hash_before")), str(link.get("request_id")))
+        elif record.get("kind") in ("trained", "adopted"):
+            earlier.setdefault(str(record.get("model_hash")), f"the {record['kind']} model")
+    if digest in earlier:
+        raise ForgetError(f"model {digest[:16]} is an earlier state on the store's audit record (before "
+                          f"{earlier[digest]}): it still knows what later commits erased, which could then never "
+                          "be forgotten from it; adopt only a model that descends from the one the log ends at "
+                          f"({(head or '-')[:16]})")
+    store.append_audit({"kind": "adopted", "time": time.time(), "model_hash": digest, "previous_head": head})
+    return digest
 
 
 def record_trained_model(store: GradStore, model: torch.nn.Module) -> str:
@@ -535,16 +573,21 @@ def record_trained_model(store: GradStore, model: torch.nn.Module) -> str:
     (DDP's `.module`, torch.compile's `._orig_mod`) is looked through, so that the hash is the saved model's; under
     torch.distributed only rank 0 writes. (A PEFT model: record the merged model that is saved.) Returns the hash.
     """
-    while True:  # the wrapped model's parameter names carry the wrapper's prefix: another hash
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            break
-        model = inner
-    digest = model_hash(model)
+    digest = model_hash(_unwrapped(model))
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_rank() == 0:
         store.append_audit({"kind": "trained", "time": time.time(), "model_hash": digest})
     return digest
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP's `.module` and torch.compile's `._orig_mod` wrappers (whose parameter names carry the
+    wrapper's prefix, and so another hash than the saved model's)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
 
 
 def save_reference_set(store: GradStore, sequences: Sequence[Sequence[int]]) -> None:
@@ -868,8 +911,6 @@ class Unlearner:
             return ForgetReport(request_id, "dry_run" if dry_run else "nothing_to_do", mode, ids=present,
                                 already_forgotten=already, message="every ID was already forgotten")
         self._check_holdout()
-        if dry_run:
-            return ForgetReport(request_id, "dry_run", mode, ids=present, already_forgotten=already)
         start = time.perf_counter()
         report = ForgetReport(request_id, "target_not_met", mode, ids=present, already_forgotten=already,
                               target_tolerance=self.config.target_tolerance,
@@ -887,6 +928,9 @@ class Unlearner:
             raise ForgetError(f"the model holds the change that request {self._inadmissible} left beyond the retain guard "
                               "or past the target (a fixed step, calibrate=False): a request would build on it and "
                               "its commit would save it; load the weights again first (nothing changed)")
+        if dry_run:  # refused above wherever the request would be; a preview changes nothing
+            return ForgetReport(request_id, "dry_run", mode, ids=present, already_forgotten=already,
+                                model_hash_before=report.model_hash_before)
         original = {n: p.detach().clone() for n, p in self._parameters()}
         try:
             admissible = self._calibrate(present, mode, report)
@@ -955,7 +999,7 @@ class Unlearner:
                 "weights the last forget saved, or the model training recorded): forgetting on it would erase the "
                 "rows while that model keeps what they taught it. Load that model (`gradstore audit --model DIR` "
                 "checks a directory); if this one descends from it by a change made off the record (fine-tuning, "
-                "say), adopt it first: `gradstore audit --model DIR --adopt` (record_trained_model)")
+                "say), adopt it first: `gradstore audit --model DIR --adopt` (adopt_model), with no server running on it")
 
     def _parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The parameters a request may change: the embedding, plus the chosen blocks for the ablation."""

@@ -56,6 +56,18 @@ def test_every_v1_route_needs_a_valid_key(client, method, path, body):
     assert "invalid" in wrong.json()["message"]
 
 
+def test_the_key_is_checked_under_a_root_path(workspace):
+    """Mounted or proxied under a prefix, the /v1 routes still need the key (routing strips the root path)."""
+    from fastapi.testclient import TestClient
+
+    from gradstore_server import create_app
+
+    with TestClient(create_app(workspace.settings()), root_path="/api") as client:
+        assert_error(client.get("/api/v1/stats"), 401, "unauthorized")
+        assert client.get("/api/v1/stats", headers={"X-API-Key": API_KEY}).status_code == 200
+        assert client.get("/api/healthz").status_code == 200
+
+
 def test_every_configured_key_is_accepted(client):
     assert client.get("/v1/stats", headers={"X-API-Key": OTHER_KEY}).status_code == 200
     # A bad key is refused before the body is even looked at (401, not 422 or 415), a missing one alike.

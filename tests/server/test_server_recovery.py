@@ -20,7 +20,7 @@ from gradstore_server.engine import Engine
 from gradstore_server.errors import ApiError
 from gradstore_unlearn import cli, unlearn
 from gradstore_unlearn.train import load_model
-from gradstore_unlearn.unlearn import ForgetConfig, Unlearner, model_hash, record_trained_model
+from gradstore_unlearn.unlearn import ForgetConfig, Unlearner, adopt_model, model_hash
 
 
 def pending_record(store: GradStore, ids: list, *, status: str, attempts: int, request_id: str | None = None) -> dict:
@@ -186,8 +186,15 @@ def test_weights_replaced_on_disk_stop_forgets_until_a_restart(workspace):
         assert refused.status_code == 503 and refused.json()["code"] == "degraded"
         assert client.get("/v1/stats").json()["model"]["hash"] == served
     assert disk_hash(workspace) == replaced  # not overwritten
-    # Weights changed off the record are only forgotten on once adopted (`gradstore audit --adopt`).
-    record_trained_model(GradStore.open(workspace.store), load_model(workspace.model)[0])
+    # Weights changed off the record are only forgotten on once adopted: until then the restarted server is
+    # degraded and says why, and the job waits in the queue (its request id is not used up).
+    with serve(workspace) as client:
+        time.sleep(0.5)
+        assert "not where the store's audit log ends" in client.get("/v1/stats").json()["degraded"]
+        waiting = client.get(f"/v1/jobs/{job['job_id']}").json()
+        assert waiting["status"] == "queued" and waiting["error"]["code"] == "degraded"
+        assert client.post("/v1/forget", json={"ids": [21]}).status_code == 503
+    adopt_model(GradStore.open(workspace.store), load_model(workspace.model)[0])  # `gradstore audit --adopt`
     with serve(workspace) as client:
         done = wait_job(client, job["job_id"])
         assert done["status"] == "completed" and done["result"]["model_hash_before"] == replaced
@@ -352,7 +359,8 @@ def test_a_request_id_the_command_line_completed(workspace):
     report = complete_outside_the_server(workspace, [17], "cli-1")
     with serve(workspace) as client:
         for body in ({"ids": [18], "request_id": "cli-1"}, {"ids": [17, 18], "request_id": "cli-1"},
-                     {"ids": [18], "request_id": "cli-1", "dry_run": True}):
+                     {"ids": [18], "request_id": "cli-1", "dry_run": True},
+                     {"ids": [17], "request_id": "cli-1", "mode": "iterative"}):  # the same IDs in another mode
             refused = client.post("/v1/forget", json=body)
             assert refused.status_code == 409 and refused.json()["code"] == "request_id_conflict", body
             assert "cli-1" in refused.json()["message"]

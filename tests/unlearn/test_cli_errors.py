@@ -174,7 +174,8 @@ def test_audit_adopt_continues_the_chain_from_a_model_changed_off_the_record(ws,
     assert run(capsys, "audit", "--store", ws / "store", "--model", ws / "model")[0] == 4
     code, out, _ = run(capsys, "audit", "--store", ws / "store", "--model", ws / "model", "--adopt", "--json")
     chain = strict_json(out)["chain"]
-    assert code == 0 and chain["whole"] and chain["trained_hash"] == model_hash(model)
+    assert code == 0 and chain["whole"] and chain["adopted"][0]["model_hash"] == model_hash(model)
+    assert "(adopted)" in run(capsys, "audit", "--store", ws / "store")[1]
     code, out, err = run(capsys, "forget", "--store", ws / "store", "--model", ws / "model", "--ids", "rec-1",
                          "--dry-run")
     assert code == 0, err
@@ -499,6 +500,30 @@ def test_drift_raises_a_budget_and_keeps_its_baseline(ws, capsys):
         first["members"], first["baseline_model_hash"], first["baseline_loss"])
     code, _, err = run(capsys, "drift", *where, "--set", "0.1", "--keep-baseline", "--panel", "4")
     assert code == 2 and "keeps the panel" in one_line_error(err)
+
+
+def test_errors_of_the_object_store_client_are_one_line(ws, capsys, monkeypatch):
+    class NoCredentialsError(Exception):  # as botocore raises it: not an OSError
+        __module__ = "botocore.exceptions"
+
+    def no_credentials(*args, **kwargs):
+        raise NoCredentialsError("Unable to locate credentials")
+
+    monkeypatch.setattr(GradStore, "open", no_credentials)
+    code, _, err = run(capsys, "info", "s3://bucket/store")
+    assert code == 2 and "the object store failed: NoCredentialsError: Unable to locate credentials" in \
+        one_line_error(err)
+
+
+def test_devices_are_checked_before_use():
+    from gradstore_unlearn.train import check_device
+
+    assert check_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        check_device("gpu0")
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available here"):
+            check_device("cuda:0")
 
 
 def test_corpus_counts_the_documents_of_each_file_it_writes(tmp_path, capsys):

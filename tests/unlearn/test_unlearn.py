@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -874,7 +873,8 @@ def test_a_fixed_step_beyond_the_guard_is_never_built_on_or_saved(world, tmp_pat
     with pytest.raises(ForgetError, match="request fixed left beyond the retain guard"):
         unlearner.forget(["r1"], mode="iterative", request_id="next")
     assert model_hash(world.model) == broken and "r1" in world.store and not forget_records(world.store)
-    assert unlearner.forget(["r1"], dry_run=True).status == "dry_run"  # looking is still allowed
+    with pytest.raises(ForgetError, match="request fixed left beyond the retain guard"):  # a preview alike
+        unlearner.forget(["r1"], dry_run=True)
     with torch.no_grad():
         world.model.load_state_dict(trained)  # loaded again: the broken step is gone, requests run
     done = unlearner.forget(["r1"], mode="iterative", request_id="next")
@@ -1114,22 +1114,33 @@ def test_the_trained_model_is_recorded_through_its_wrapper(world):
 def test_a_model_that_is_not_where_the_audit_log_ends_is_refused_until_adopted(world, tmp_path):
     """An older copy of the model (here: the trained one, after a committed forget) must not forget: its commit
     would erase the rows, and the model on record, which still knows those examples, could never forget them."""
+    from gradstore_unlearn.unlearn import adopt_model, audit_head
+
     old_copy = copy.deepcopy(world.model)
     model_dir = saved(world, tmp_path)
     first = Unlearner(world.model, world.store, model_dir=model_dir, config=LENIENT).forget(["r1"], mode="iterative")
-    assert first.status == "forgotten"
+    assert first.status == "forgotten" and audit_head(world.store) == first.model_hash_after
     stale = Unlearner(old_copy, world.store, config=LENIENT)
-    for dry_run in (False, True):
-        with pytest.raises(ForgetError, match="is not the one the store's audit log ends at") if not dry_run \
-                else contextlib.nullcontext():
+    for dry_run in (False, True):  # a preview is refused alike
+        with pytest.raises(ForgetError, match="is not the one the store's audit log ends at"):
             stale.forget(["r2"], mode="iterative", dry_run=dry_run)
     assert "r2" in world.store and not world.store.is_erased("r2")
-    # The model on disk (where the log ends) forgets; so does the old copy once adopted, as a fine-tuned one
-    # would be (`gradstore audit --adopt`), and the chain then goes on from it.
-    adopted = record_trained_model(world.store, old_copy)
-    assert stale.forget(["r2"], mode="iterative").status in ("forgotten", "target_not_met")  # not refused
+    # The old copy is an earlier state on the record: it still knows r1, and cannot be adopted.
+    with pytest.raises(ForgetError, match="is an earlier state on the store's audit record"):
+        adopt_model(world.store, old_copy)
+    # A model changed off the record from where the log ends (fine-tuned, say) is adopted, and the audit says so.
+    tuned = copy.deepcopy(world.model)
+    with torch.no_grad():
+        tuned.get_input_embeddings().weight[3] += 0.01
+    with pytest.raises(ForgetError, match="is not the one the store's audit log ends at"):
+        Unlearner(tuned, world.store, config=LENIENT).forget(["r2"], mode="iterative", dry_run=True)
+    adopted = adopt_model(world.store, tuned)
+    assert adopt_model(world.store, tuned) == adopted == audit_head(world.store)  # once
+    assert Unlearner(tuned, world.store, config=LENIENT).forget(["r2"], mode="iterative").status in (
+        "forgotten", "target_not_met")  # not refused
     chain = verify_audit_chain(world.store)
-    assert chain.trained_hash == adopted and chain.whole
+    assert chain.whole and chain.adopted == [{"model_hash": adopted, "previous_head": first.model_hash_after}]
+    assert f"adopted model {adopted[:16]}, changed off the record from {first.model_hash_after[:16]}" in chain.summary()
 
 
 def test_a_holdout_of_trained_sequences_is_refused(world):

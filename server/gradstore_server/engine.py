@@ -45,6 +45,7 @@ from gradstore_unlearn.unlearn import (
     Unlearner,
     audit_head,
     model_hash,
+    on_audit_record,
     verify_audit_chain,
     weights_fingerprint,
 )
@@ -156,13 +157,13 @@ class Engine:
             self._snapshot = self._new_snapshot(model, model_hash(model), version=0)
             self._weights = weights
             self.degraded = None  # a restart settles what a failed commit left undecided
-            head = audit_head(self.store)
-            if head is not None and head != self._snapshot.model_hash:
+            if not on_audit_record(self.store, self._snapshot.model_hash):
                 # Every forget would be refused (the library's audit-head check): say so once, keep the queue.
+                head = audit_head(self.store) or "-"
                 self.degraded = (f"the weights served ({self._snapshot.model_hash[:16]}) are not where the store's "
-                                 f"audit log ends ({head[:16]}): forgets wait until they are adopted (stop the "
-                                 "server, run `gradstore audit --model DIR --adopt`, start it again) or the "
-                                 "recorded weights are put back")
+                                 f"audit log ends ({head[:16]}): forgets wait until the server is stopped and "
+                                 "either the weights are adopted (`gradstore audit --model DIR --adopt`) or the "
+                                 "recorded ones are put back, and started again")
                 log.error("%s", self.degraded)
         except BaseException:
             self._model_lock.release()
@@ -372,7 +373,7 @@ class Engine:
                     self._writer.model.load_state_dict(published.state_dict())
             # Checked at submission too; again here, because the command line may have completed the
             # request id in the meantime (the library would refuse too, but as a plain invalid input).
-            self.check_request_id(request_id, ids)
+            self.check_request_id(request_id, ids, mode)
             return self._writer.forget(list(ids), mode=mode, request_id=request_id)
 
     def _commit_and_publish(self, commit: Callable[[], None], report: ForgetReport, writer: Unlearner) -> None:

@@ -45,8 +45,8 @@ def protected(scope: Scope) -> bool:
     """Whether the request goes to a /v1 route. Routing matches the path without the application's root path
     (the prefix it is mounted or proxied under), so the check must too: "/api/v1/stats" under root path "/api"
     is a /v1 route."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    if root and path.startswith(root):
+    path, root = scope.get("path", ""), scope.get("root_path", "").rstrip("/")
+    if root and (path == root or path.startswith(root + "/")):  # only at a segment boundary, as routing strips it
         path = path[len(root):]
     return scope["type"] == "http" and (path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/"))
 

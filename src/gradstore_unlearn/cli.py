@@ -360,14 +360,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.adopt:
         from .model_lock import ModelDirLock, ModelInUseError
         from .train import load_model
-        from .unlearn import adopt_model
+        from .unlearn import Unlearner, adopt_model
 
         try:
             lock = ModelDirLock(args.model)  # not while a server or a forget may be changing those weights
         except ModelInUseError as err:
             raise ValueError(str(err)) from None
         with lock:
-            adopt_model(store, load_model(args.model)[0])
+            model = load_model(args.model)[0]
+            Unlearner(model, store, model_dir=args.model)  # finishes a commit a crash left pending, if any
+            adopt_model(store, model)
     records = store.audit_log()
     rows = [(r.get("request_id") or f"({r.get('kind')})", r.get("mode"), len(r.get("id_hashes", [])),
              r.get("metrics_before", {}).get("forget_loss"), r.get("metrics_after", {}).get("forget_loss"),

@@ -474,6 +474,7 @@ def verify_audit_chain(store: GradStore, model: torch.nn.Module | None = None, *
     means weights changed off the record."""
     problems: list[str] = []
     first = previous = trained = last = None  # last: the model the newest commit saved (none since training)
+    source = "the trained model"  # where `previous` comes from, for the messages
     commits = carried = 0
     adopted: list[dict[str, Any]] = []
     for record in store.audit_log():
@@ -481,12 +482,14 @@ def verify_audit_chain(store: GradStore, model: torch.nn.Module | None = None, *
             # Training (again) with capture: the chain starts again from the model it ended with (the commits
             # before it are counted no more; a break found before it stays a problem).
             trained = previous = first = record.get("model_hash")
-            last, commits, carried, adopted = None, 0, 0, []
+            last, commits, carried, adopted, source = None, 0, 0, [], "the trained model"
             continue
         if record.get("kind") == "adopted":
             # A model changed off the record, adopted deliberately: the chain goes on from it, and says so.
             previous = last = record.get("model_hash")
+            first = first if first is not None else previous
             adopted.append({"model_hash": previous, "previous_head": record.get("previous_head")})
+            source = "the adopted model"
             continue
         if record.get("kind") != "forget":
             continue
@@ -497,33 +500,41 @@ def verify_audit_chain(store: GradStore, model: torch.nn.Module | None = None, *
             if first is None:
                 first = before
             elif before != previous:
-                source = "the trained model" if last is None else "the one the change before it left"
                 problems.append(f"request {link.get('request_id')} started from model {str(before)[:16]}, not "
                                 f"{str(previous)[:16]} ({source}): a change between them is not on record")
             previous = last = after
+            source = "the one the change before it left"
     given = model_hash(model) if model is not None else weights_hash
     pending: list[str] = []
     if given is not None and given != previous:
         # A commit between its weights and its audit record (running now, or crashed there) is on record in the
         # forget journal: its links continue the chain to the weights given.
-        objects = store.objects
-        for name in sorted(objects.list_dir(FORGET_JOURNAL)):
-            try:
-                entry = json.loads(objects.read(f"{FORGET_JOURNAL}/{name}"))
-            except (FileNotFoundError, ValueError):
-                continue
-            links = [*(entry.get("report", {}).get("carries") or []), entry]
-            if links[-1].get("model_hash_after") == given and (
-                    previous is None or links[0].get("model_hash_before") == previous):
-                if first is None:
-                    first = links[0].get("model_hash_before")
-                pending.append(str(entry.get("request_id")))
-                previous = last = given
-                break
+        links = _pending_links(store, previous, given)
+        if links is not None:
+            first = first if first is not None else links[0].get("model_hash_before")
+            pending.append(str(links[-1].get("request_id")))
+            previous = last = given
     if given is not None and previous is not None and given != previous:
-        source = "the trained model's" if last is None else "the ones the last commit saved"
-        problems.append(f"the model's weights ({given[:16]}) are not {source} ({previous[:16]})")
+        weights = {"the trained model": "the trained model's", "the adopted model": "the adopted model's"}.get(
+            source, "the ones the last commit saved")
+        problems.append(f"the model's weights ({given[:16]}) are not {weights} ({previous[:16]})")
     return AuditChain(commits, carried, first, trained, last, given, problems, pending, adopted)
+
+
+def _pending_links(store: GradStore, head: str | None, weights: str) -> list[dict[str, Any]] | None:
+    """The links of a commit in the forget journal (weights saved, audit record not yet written: running, or
+    crashed there) that lead from `head` (None: from anywhere) to `weights`; None if there is none."""
+    objects = store.objects
+    for name in sorted(objects.list_dir(FORGET_JOURNAL)):
+        try:
+            entry = json.loads(objects.read(f"{FORGET_JOURNAL}/{name}"))
+        except (FileNotFoundError, ValueError):
+            continue
+        links = [*(entry.get("report", {}).get("carries") or []), entry]
+        if links[-1].get("model_hash_after") == weights and (
+                head is None or links[0].get("model_hash_before") == head):
+            return links
+    return None
 
 
 def audit_head(store: GradStore) -> str | None:
@@ -538,29 +549,50 @@ def audit_head(store: GradStore) -> str | None:
     return None
 
 
+def on_audit_record(store: GradStore, weights: str) -> bool:
+    """Whether a model with hash `weights` is where the store's audit log ends: its head, or the after-state of a
+    commit pending in the forget journal from there (its audit record is written when it is finished), or any
+    model when nothing is on record."""
+    head = audit_head(store)
+    return head is None or head == weights or _pending_links(store, head, weights) is not None
+
+
 def adopt_model(store: GradStore, model: torch.nn.Module) -> str:
     """Append an `adopted` record: the audit chain goes on from `model`, changed off the record from where the log
     ended (fine-tuned after training, say). Returns its hash.
 
-    Refused for a model that is an earlier state on the record (the model before a committed forget, say): it
-    still knows what later commits erased, and those examples could never be forgotten from it."""
+    Refused for a state on the record that a committed forget came after (the model before that commit, or an
+    earlier adopted or trained one): it still knows what that commit erased, and those examples could never be
+    forgotten from it. Refused too while a commit is pending in the forget journal (the next forget, or a
+    server's restart, finishes it). Holds the commit lock, so that no commit lands in between."""
     digest = model_hash(_unwrapped(model))
-    head = audit_head(store)
-    if digest == head:
-        return digest  # already where the log ends
-    earlier: dict[str, str] = {}
-    for record in store.audit_log():
-        if record.get("kind") == "forget":
-            for link in [*(record.get("carries") or []), record]:
-                earlier.setdefault(str(link.get("model_hash_before")), str(link.get("request_id")))
-        elif record.get("kind") in ("trained", "adopted"):
-            earlier.setdefault(str(record.get("model_hash")), f"the {record['kind']} model")
-    if digest in earlier:
-        raise ForgetError(f"model {digest[:16]} is an earlier state on the store's audit record (before "
-                          f"{earlier[digest]}): it still knows what later commits erased, which could then never "
-                          "be forgotten from it; adopt only a model that descends from the one the log ends at "
-                          f"({(head or '-')[:16]})")
-    store.append_audit({"kind": "adopted", "time": time.time(), "model_hash": digest, "previous_head": head})
+    with store.lock(COMMIT_LOCK, timeout_s=COMMIT_LOCK_TIMEOUT_S):
+        if store.objects.list_dir(FORGET_JOURNAL):
+            raise ForgetError("a forget commit is pending in the store's forget journal (running, or crashed after "
+                              "saving its weights): finish it first (any forget request does, as does a server's "
+                              "start), then adopt")
+        head = audit_head(store)
+        if digest == head:
+            return digest  # already where the log ends
+        # Where each model state last appears in the log, and where the last commit is: a state that last
+        # appears before a commit predates what that commit erased.
+        seen: dict[str, tuple[float, str]] = {}
+        last_commit = -1.0
+        for position, record in enumerate(store.audit_log()):
+            if record.get("kind") == "forget":
+                for link in [*(record.get("carries") or []), record]:
+                    seen[str(link.get("model_hash_before"))] = (position - 0.5, f"request {link.get('request_id')}")
+                seen[str(record.get("model_hash_after"))] = (float(position), f"request {record.get('request_id')}")
+                last_commit = float(position)
+            elif record.get("kind") in ("trained", "adopted"):
+                seen[str(record.get("model_hash"))] = (float(position), f"the {record['kind']} model")
+        where = seen.get(digest)
+        if where is not None and where[0] < last_commit:
+            raise ForgetError(f"model {digest[:16]} is an earlier state on the store's audit record ({where[1]}), "
+                              "and forgets were committed after it: it still knows what they erased, which could "
+                              "then never be forgotten from it. Adopt only a model that descends from the one the "
+                              f"log ends at ({(head or '-')[:16]})")
+        store.append_audit({"kind": "adopted", "time": time.time(), "model_hash": digest, "previous_head": head})
     return digest
 
 
@@ -992,8 +1024,8 @@ class Unlearner:
         """Refuse a request on a model other than the one the store's audit log ends at (`base_hash`: the model
         before this engine's uncommitted changes). An older copy, say: its commit would erase the examples' rows
         while the model that is served keeps what they taught it, and could then never forget them."""
-        head = audit_head(self.store)
-        if head is not None and head != base_hash:
+        if not on_audit_record(self.store, base_hash):
+            head = audit_head(self.store) or "-"
             raise ForgetError(
                 f"the model (hash {base_hash[:16]}) is not the one the store's audit log ends at ({head[:16]}: the "
                 "weights the last forget saved, or the model training recorded): forgetting on it would erase the "

@@ -66,6 +66,9 @@ def test_the_key_is_checked_under_a_root_path(workspace):
         assert_error(client.get("/api/v1/stats"), 401, "unauthorized")
         assert client.get("/api/v1/stats", headers={"X-API-Key": API_KEY}).status_code == 200
         assert client.get("/api/healthz").status_code == 200
+    for root in ("/v", "/v1/st"):  # a root path that is not a whole segment of the path strips nothing
+        with TestClient(create_app(workspace.settings()), root_path=root) as client:
+            assert_error(client.get("/v1/stats"), 401, "unauthorized")
 
 
 def test_every_configured_key_is_accepted(client):

@@ -1164,3 +1164,38 @@ def test_a_report_that_stopped_short_does_not_call_its_examples_forgotten():
     assert "examples not forgotten (target not met)" in table and "examples forgotten" not in table
     assert "in memory only: nothing saved or erased" in table
     assert "examples it would forget" in ForgetReport("q", "dry_run", "first_epoch", ids=["a"]).to_table()
+
+
+def test_adoption_refuses_states_a_commit_came_after_and_allows_a_rollback_before_any(world, tmp_path):
+    from gradstore_unlearn.unlearn import FORGET_JOURNAL, adopt_model, audit_head, on_audit_record
+
+    trained = model_hash(world.model)
+
+    def tuned(model, row):
+        out = copy.deepcopy(model)
+        with torch.no_grad():
+            out.get_input_embeddings().weight[row] += 0.01
+        return out
+
+    # No commit yet: adopting a tuned model and then rolling back to the trained one are both fine.
+    first = tuned(world.model, 3)
+    adopt_model(world.store, first)
+    assert adopt_model(world.store, world.model) == trained == audit_head(world.store)
+    # A commit, then another adoption and another commit: the state the first commit left is stale now.
+    engine = Unlearner(world.model, world.store, config=LENIENT)
+    after_r1 = engine.forget(["r1"], mode="iterative")
+    assert after_r1.status == "forgotten"
+    second = tuned(world.model, 4)
+    adopt_model(world.store, second)
+    assert Unlearner(second, world.store, config=LENIENT).forget(["r3"], mode="iterative").status == "forgotten"
+    for stale in (world.model, first):  # before r3's commit (the first adopted one: before r1's as well)
+        with pytest.raises(ForgetError, match="forgets were committed after it"):
+            adopt_model(world.store, stale)
+    # A commit pending in the forget journal: its after-state counts as on record, and adoption waits for it.
+    head = audit_head(world.store)
+    world.store.objects.write(f"{FORGET_JOURNAL}/p.json", json.dumps(
+        {"request_id": "p", "model_hash_before": head, "model_hash_after": "9" * 64, "report": {}}).encode())
+    assert on_audit_record(world.store, "9" * 64) and on_audit_record(world.store, head)
+    assert not on_audit_record(world.store, trained)
+    with pytest.raises(ForgetError, match="a forget commit is pending"):
+        adopt_model(world.store, tuned(second, 5))

@@ -32,7 +32,7 @@ from bench_device import demo_benchmark_parser, save_cpu_result
 from gradstore import GradStore
 from gradstore_unlearn.demo import DEMO_SIZES, _checks, forget_demo_records, prepare_data, train_demo_model
 from gradstore_unlearn.evaluate import ks_test, perplexity
-from gradstore_unlearn.unlearn import ForgetConfig, Unlearner, record_trained_model
+from gradstore_unlearn.unlearn import ForgetConfig, Unlearner, adopt_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
             trial = GradStore.open(work / "trial")
             if untied:
                 untie_output_layer(model)
-                record_trained_model(trial, model)  # a change off the record, adopted (as `audit --adopt` does)
+                adopt_model(trial, model)  # a change off the record, adopted (as `gradstore audit --adopt` does)
             unlearner = Unlearner(model, trial, tokenizer=demo.tokenizer, config=config)
             if budget is not None:
                 unlearner.set_drift_budget(budget)

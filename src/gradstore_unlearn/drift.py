@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,10 +158,17 @@ def new_drift_budget(budget: float, kind: str, model_hash: str, panel: dict[str,
     return DriftBudget(float(budget), kind, model_hash, panel, time.time())
 
 
-def drop_from_panel(store: GradStore, id_hashes: set[str]) -> None:
-    """Forget the panel members among `id_hashes` (a commit's erased examples). Safe to repeat."""
+def drop_from_panel(store: GradStore, id_hashes: set[str],
+                    live_hashes: Callable[[], set[str]] | None = None) -> None:
+    """Forget the panel members among `id_hashes` (a commit's erased examples), and, given `live_hashes` (the
+    salted hashes of the store's live examples, asked for only when there is a budget), every member that is no
+    longer live: erased outside the engine (`GradStore.erase`), its hash and baseline loss must not outlive it.
+    Safe to repeat."""
     budget = load_drift_budget(store)
-    if budget is None or not id_hashes & budget.panel.keys():
+    if budget is None:
         return
-    budget.panel = {h: v for h, v in budget.panel.items() if h not in id_hashes}
+    gone = id_hashes | (budget.panel.keys() - live_hashes() if live_hashes is not None else set())
+    if not gone & budget.panel.keys():
+        return
+    budget.panel = {h: v for h, v in budget.panel.items() if h not in gone}
     write_drift_budget(store, budget)

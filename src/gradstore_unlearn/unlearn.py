@@ -1521,7 +1521,8 @@ class Unlearner:
         # after the erasure, so that a replay after a crash anywhere here repeats it.
         carried = {h for c in entry["report"].get("carries") or [] for h in c.get("id_hashes", [])}
         try:
-            drop_from_panel(self.store, set(entry["keys"]) | carried)
+            drop_from_panel(self.store, set(entry["keys"]) | carried,
+                            live_hashes=lambda: {self._id_hash(i) for i in self.store.ids()})
         except FormatError as err:
             # Checked before the commit, so damaged since: the budget cannot be honoured and may name the examples
             # just erased, while the commit must finish (its weights are on disk).

@@ -65,6 +65,16 @@ def test_the_budget_lives_in_the_store_and_forgets_what_is_forgotten(world):
     assert again.members == 39 and again.baseline_model_hash == trained and again.change > 0
 
 
+def test_a_commit_drops_members_erased_outside_the_engine(world):
+    unlearner = Unlearner(world.model, world.store, config=PER_REQUEST)
+    unlearner.set_drift_budget(0.5, panel=40)  # every stored example
+    world.store.erase(["r11"])  # the store's own erasure: it knows nothing of the budget
+    assert world.store.id_hash("r11") in load_drift_budget(world.store).panel
+    assert unlearner.forget(["r5"], mode="iterative").status == "forgotten"
+    panel = load_drift_budget(GradStore.open(world.store.uri)).panel
+    assert len(panel) == 38 and not {world.store.id_hash("r11"), world.store.id_hash("r5")} & panel.keys()
+
+
 def test_the_examples_of_uncommitted_changes_are_not_counted_as_drift(world):
     unlearner = Unlearner(world.model, world.store)  # a 2% guard: the request stops short
     unlearner.set_drift_budget(0.5, panel=40)

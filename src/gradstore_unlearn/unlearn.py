@@ -495,7 +495,7 @@ def verify_audit_chain(store: GradStore, model: torch.nn.Module | None = None, *
             continue
         commits += 1
         carried += len(record.get("carries") or [])
-        for link in [*(record.get("carries") or []), record]:
+        for link in _links(record):
             before, after = link.get("model_hash_before"), link.get("model_hash_after")
             if first is None:
                 first = before
@@ -521,6 +521,13 @@ def verify_audit_chain(store: GradStore, model: torch.nn.Module | None = None, *
     return AuditChain(commits, carried, first, trained, last, given, problems, pending, adopted)
 
 
+def _links(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The changes a commit saved, oldest first: the uncommitted ones it carried, then its own (an audit record, or
+    a forget journal entry, whose report holds the carried ones)."""
+    carried = record.get("carries") if "carries" in record else record.get("report", {}).get("carries")
+    return [*(carried or []), record]
+
+
 def _pending_links(store: GradStore, head: str | None, weights: str) -> list[dict[str, Any]] | None:
     """The links of a commit in the forget journal (weights saved, audit record not yet written: running, or
     crashed there) that lead from `head` (None: from anywhere) to `weights`; None if there is none."""
@@ -530,7 +537,7 @@ def _pending_links(store: GradStore, head: str | None, weights: str) -> list[dic
             entry = json.loads(objects.read(f"{FORGET_JOURNAL}/{name}"))
         except (FileNotFoundError, ValueError):
             continue
-        links = [*(entry.get("report", {}).get("carries") or []), entry]
+        links = _links(entry)
         if links[-1].get("model_hash_after") == weights and (
                 head is None or links[0].get("model_hash_before") == head):
             return links
@@ -580,7 +587,7 @@ def adopt_model(store: GradStore, model: torch.nn.Module) -> str:
         last_commit = -1.0
         for position, record in enumerate(store.audit_log()):
             if record.get("kind") == "forget":
-                for link in [*(record.get("carries") or []), record]:
+                for link in _links(record):
                     seen[str(link.get("model_hash_before"))] = (position - 0.5, f"request {link.get('request_id')}")
                 seen[str(record.get("model_hash_after"))] = (float(position), f"request {record.get('request_id')}")
                 last_commit = float(position)
@@ -683,7 +690,8 @@ class Unlearner:
             pad_token_id = getattr(tokenizer, "pad_token_id", None) or getattr(model.config, "pad_token_id", 0) or 0
         self.pad_token_id = int(pad_token_id)
         self._doc_freq: torch.Tensor | None = None
-        self._stored_digests: set[bytes] = set()  # of every stored token sequence, filled with `_doc_freq`
+        # Of every stored token sequence, filled with `_doc_freq` while a caller's holdout is still to be checked.
+        self._stored_digests: set[bytes] = set()
         self._index: ShingleIndex | None = None
         self._id_hashes: dict[Any, str] = {}  # store.id_hash of IDs met (the salt is the store's, fixed)
         self._installed: str | None = None  # the last request whose after-state this process saved (or holds)
@@ -848,7 +856,8 @@ class Unlearner:
                 for example_id, tokens in zip(ids, sequences, strict=True):
                     if not self._is_epoch_copy(example_id):  # an example counts once, however many epochs
                         counts[np.unique(tokens)] += 1
-                        digests.add(_sequence_digest(tokens))
+                        if self._holdout_unchecked:  # only a caller's holdout is checked against them, once
+                            digests.add(_sequence_digest(tokens))
             self._doc_freq, self._stored_digests = torch.from_numpy(counts).float(), digests
         return self._doc_freq
 

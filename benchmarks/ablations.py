@@ -17,13 +17,16 @@ Every variant starts from a fresh copy of the trained weights and a fresh (hard-
 a successful request erases the forgotten examples' rows; it runs with the engine's defaults otherwise, on the
 same forget set and target:
 
-    first_epoch      ours as shipped: stored first-epoch rows, calibrated, embedding only, ownership weighting
+    first_epoch      ours as shipped: stored first-epoch rows, calibrated, embedding only, ownership weighting,
+                     conflict projection
     multi_epoch      the sum of every epoch's stored rows (stored_epochs="all")          paper finding 1
     layers_last2     embedding + the last two transformer blocks (fresh gradients there)  paper finding 2
     layers_all       embedding + every other parameter
     fixed_<s>        no calibration: one step of scale s (units of 0.1% of ||W||)         paper finding 4
     iterative        the stored step, then fresh-gradient steps toward per-example targets  paper finding 5
-    plain_ascent     the paper's plain ascent: every row moves (row_weighting="none")
+    no_projection    first_epoch without the conflict projection (projection="none")
+    iterative_no_projection   iterative without it
+    plain_ascent     the paper's plain ascent: every row moves, unprojected (row_weighting="none", projection="none")
 
 Engine checks, printed before the table: stored_epochs="first" reads exactly the epoch-0 record of each ID from
 the all-policy store (and "all" every epoch's); the retain sample the engine draws for its guard (and its repair
@@ -98,7 +101,10 @@ def variants(args: argparse.Namespace) -> list[Variant]:
                     config={"calibrate": False, "initial_scale": scale}) for scale in args.fixed_scales]
     out += [
         Variant("iterative", "iterative mode", mode="iterative"),
-        Variant("plain_ascent", "plain ascent (paper)", config={"row_weighting": "none"}),
+        Variant("no_projection", "no conflict projection", config={"projection": "none"}),
+        Variant("iterative_no_projection", "iterative, no projection", mode="iterative",
+                config={"projection": "none"}),
+        Variant("plain_ascent", "plain ascent (paper)", config={"row_weighting": "none", "projection": "none"}),
     ]
     return out
 
@@ -388,13 +394,20 @@ def conclusions(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                     f"{sum(closer)} of 3 (KS p, gap, MIA AUC)"),
     })
 
-    plain = rows["plain_ascent"]
-    out.append({
+    plain, unprojected = rows["plain_ascent"], rows["no_projection"]
+    verdicts = {"better": "yes", "even": "no difference here", "trade-off": "a trade-off"}
+    out.append({  # both unprojected: the weighting alone
         "finding": "(ours) ownership row weighting beats the paper's plain ascent",
-        "measured": f"ownership: {_describe(ours)}; plain: {_describe(plain)}",
-        "verdict": {"better": "yes", "worse": "no: plain ascent does better", "even": "no difference here",
-                    "trade-off": "a trade-off"}[compare(ours, plain)],
+        "measured": f"ownership: {_describe(unprojected)}; plain: {_describe(plain)}",
+        "verdict": {**verdicts, "worse": "no: plain ascent does better"}[compare(unprojected, plain)],
     })
+    for projected, without, label in ((ours, unprojected, "single step"),
+                                      (it, rows["iterative_no_projection"], "iterative")):
+        out.append({
+            "finding": f"(ours) the conflict projection beats the unprojected step ({label})",
+            "measured": f"projected: {_describe(projected)}; unprojected: {_describe(without)}",
+            "verdict": {**verdicts, "worse": "no: the unprojected step does better"}[compare(projected, without)],
+        })
 
     retrained = rows["retrained"]
     out.append({

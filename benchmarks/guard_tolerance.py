@@ -56,6 +56,7 @@ def main(argv=None) -> None:
     demo = prepare_data(spec, args.seed)
     work = Path(tempfile.mkdtemp(prefix="guard-tolerance-"))
     variants = [(f"{100 * t:g}% guard", {"retain_tolerance": t}, False) for t in args.tolerances] + [
+        ("2% guard, no projection", {"projection": "none"}, False),
         ("2% guard, untied output layer", {}, True),
         ("2% guard, Fisher-preconditioned ascent", {"precondition": "fisher"}, False),
         ("2% guard, ownership power 4", {"ownership_power": 4.0}, False),

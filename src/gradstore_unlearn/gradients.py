@@ -133,6 +133,23 @@ def retain_fisher(model: torch.nn.Module, sequences: Sequence[Sequence[int]], we
     return fisher
 
 
+def matrix_gradient(model: torch.nn.Module, sequences: Sequence[Sequence[int]], *, pad_token_id: int = 0,
+                    batch_size: int = 32) -> torch.Tensor:
+    """float32 [V, D]: the gradient of the sequences' mean loss w.r.t. the whole input-embedding matrix.
+
+    Tied input/output embeddings are one matrix here, so both sides count: this is the first-order effect of
+    moving a row on these sequences, wherever the row is used.
+    """
+    weight = model.get_input_embeddings().weight
+    out = torch.zeros_like(weight, dtype=torch.float32)
+    with _training_mode(model, False), torch.enable_grad():
+        for _, input_ids, mask in _batches(sequences, batch_size, pad_token_id, weight.device):
+            loss = own_mean_losses(model, input_ids, mask).sum() / len(sequences)
+            (grad,) = torch.autograd.grad(loss, [weight])
+            out += grad.float()
+    return out
+
+
 # ------------------------------------------------------------------------------ Hessian-vector products
 def embedding_hvp(model: torch.nn.Module, sequences: Sequence[Sequence[int]], vector: torch.Tensor, *,
                   pad_token_id: int = 0, batch_size: int = 32) -> torch.Tensor:

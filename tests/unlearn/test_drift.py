@@ -31,13 +31,10 @@ def test_a_drift_budget_bounds_what_the_requests_do_together(world, built, tmp_p
     reports = [bounded.forget([i], mode="iterative", request_id=f"req-{i}") for i in ASKED]
     for report in reports:  # a step is never taken past the budget, as its panel reads it
         assert report.drift["after"]["change"] <= BUDGET + 1e-12 or report.model_hash_after == report.model_hash_before
-    spent = [r for r in reports if "drift budget is spent" in r.message]
-    assert spent, [r.message for r in reports]
-    for report in spent:  # no step at all: the model is as the request found it
-        assert report.status == "target_not_met" and report.model_hash_after == report.model_hash_before
-        assert report.drift["before"]["remaining_nats"] <= 0
+    assert any(r.drift["before"]["remaining_nats"] > r.drift["after"]["remaining_nats"] for r in reports)
     committed = [r for r in reports if r.status == "forgotten"]
     assert [a["drift"] for a in forget_records(world.store)] == [r.drift for r in committed]
+    drifted = bounded.drift(ASKED).change
 
     # The same requests on another copy, under a budget too large to bind (the same panel: same seed and store):
     # the retained examples drift past what the budget allowed.
@@ -46,10 +43,17 @@ def test_a_drift_budget_bounds_what_the_requests_do_together(world, built, tmp_p
     free.set_drift_budget(9.0, kind="loss")
     for i in ASKED:
         free.forget([i], mode="iterative")
-    # (Read without every example asked for, the bounded model stands a little over the budget: each request read
-    # the panel without its own examples and the uncommitted ones; a request that finds it spent by its own reading
-    # takes no step. Measured: 0.161 bounded, 0.241 free.)
-    assert bounded.drift(ASKED).change <= BUDGET * 1.1 < free.drift(ASKED).change
+    # (Read without every example asked for, the bounded model may stand a little over the budget: each request
+    # read the panel without its own examples and the uncommitted ones. Measured: 0.126 bounded, 0.200 free.)
+    assert drifted <= BUDGET * 1.1 < free.drift(ASKED).change
+
+    # A budget lowered below what has been spent (its baseline kept): the next request takes no step at all.
+    bounded.set_drift_budget(drifted / 2, kind="loss", keep_baseline=True)
+    before = model_hash(world.model)
+    spent = bounded.forget(["r10"], mode="iterative", request_id="req-r10")
+    assert "drift budget is spent" in spent.message and spent.status == "target_not_met"
+    assert spent.model_hash_after == spent.model_hash_before == model_hash(world.model) == before
+    assert spent.drift["before"]["remaining_nats"] <= 0
 
 
 def test_the_budget_lives_in_the_store_and_forgets_what_is_forgotten(world):

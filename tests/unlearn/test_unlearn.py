@@ -651,6 +651,7 @@ def test_iterations_count_the_steps_taken(world, monkeypatch):
     ("calibrate", "no", "calibrate must be true or false"),
     ("precondition", "adam", "precondition must be 'none' or 'fisher'"),
     ("fisher_damping", 0.0, "fisher_damping must be > 0"),
+    ("projection", "orthogonal", "projection must be 'none' or 'rows'"),
 ])
 def test_every_forget_setting_is_checked_when_the_configuration_is_made(field, value, message):
     with pytest.raises(InvalidInputError, match=message):
@@ -935,6 +936,83 @@ def test_both_kinds_of_step_are_multiplied_by_the_preconditioner(world, monkeypa
     assert moved and set(moved) <= set(tokens)  # ...and neither moved a row the preconditioner zeroes
 
 
+def test_the_projection_drops_only_the_part_of_a_row_that_raises_the_pool_loss():
+    """Row by row: a step whose dot product with the pool's gradient is positive keeps its orthogonal part; a
+    step that lowers the pool's loss (or meets a zero gradient row) is left as it is."""
+    from gradstore_unlearn.unlearn import _without_conflict
+
+    gen = torch.Generator().manual_seed(0)
+    step, gradient = torch.randn(64, 7, generator=gen), torch.randn(64, 7, generator=gen)
+    gradient[:5] = 0.0
+    projected = _without_conflict(step, gradient)
+    conflicting = (step * gradient).sum(dim=1) > 0
+    assert 10 < int(conflicting.sum()) < 54  # both kinds of row are there
+    assert torch.allclose((projected * gradient).sum(dim=1)[conflicting], torch.zeros(int(conflicting.sum())),
+                          atol=1e-5)
+    assert torch.equal(projected[~conflicting], step[~conflicting])
+    # What is dropped lies along the gradient: the orthogonal part is untouched.
+    removed = step - projected
+    assert torch.allclose(removed, gradient * ((removed * gradient).sum(1, keepdim=True)
+                                               / gradient.square().sum(1, keepdim=True).clamp_min(1e-30)), atol=1e-6)
+
+
+def test_the_pool_gradient_is_of_the_whole_tied_matrix(world):
+    """matrix_gradient: the gradient of the pool's mean loss w.r.t. the tied matrix, so output-side rows count."""
+    from gradstore_unlearn.gradients import matrix_gradient, own_mean_losses
+
+    pool = [world.train[k] for k in ("r10", "r11", "r12")]
+    weight = world.model.get_input_embeddings().weight
+    gradient = matrix_gradient(world.model, pool, batch_size=2)
+    world.model.eval()
+    expected = torch.zeros_like(gradient)
+    for sequence in pool:
+        ids = torch.tensor([sequence])
+        (g,) = torch.autograd.grad(own_mean_losses(world.model, ids, torch.ones_like(ids)).sum() / 3, [weight])
+        expected += g
+    assert torch.allclose(gradient, expected, atol=1e-6)
+    unused = sorted(set(range(weight.shape[0])) - {t for s in pool for t in s})
+    assert float(gradient[unused].abs().sum()) > 0  # rows of tokens no pooled sequence contains: their logits
+
+
+@pytest.mark.parametrize("projection", ["rows", "none"])
+@pytest.mark.parametrize("mode", ["first_epoch", "iterative"])
+def test_both_kinds_of_step_are_projected_against_the_pool_and_not_the_guard(world, monkeypatch, mode, projection):
+    """With a fixed pool gradient, no row of the whole change raises the pool's loss to first order: the stored
+    step and every fresh step were projected. The gradient is read on the pool, never on the guard. Unprojected
+    (projection="none"), the same change does raise it along some rows, and no pool gradient is read."""
+    import gradstore_unlearn.unlearn as engine
+
+    weight = world.model.get_input_embeddings().weight
+    fixed = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
+    pools, guards = [], []
+
+    def pool_gradient(model, sequences, **kwargs):
+        pools.append([list(s) for s in sequences])
+        return fixed
+
+    original = Unlearner._retain_samples
+
+    def keep_guard(self, *args, **kwargs):
+        pool, guard = original(self, *args, **kwargs)
+        guards.append(guard.sequences)
+        return pool, guard
+
+    monkeypatch.setattr(engine, "matrix_gradient", pool_gradient)
+    monkeypatch.setattr(Unlearner, "_retain_samples", keep_guard)
+    before = weight.detach().clone()
+    config = ForgetConfig(retain_tolerance=0.10, projection=projection)
+    report = Unlearner(world.model, world.store, config=config).forget(["r1"], mode=mode)
+    assert report.scale > 0 and (report.iterations > 1) == (mode == "iterative"), report
+    change = weight.detach() - before
+    raised = float((change * fixed).sum(dim=1).max())
+    if projection == "none":
+        assert raised > 1e-3 * float(change.norm()) and not pools
+        return
+    assert raised <= 1e-6 * float(change.norm())
+    assert pools and all(p == pools[0] for p in pools) and len(pools) >= report.iterations  # one per step
+    assert not {tuple(s) for s in pools[0]} & {tuple(s) for s in guards[0]}
+
+
 def test_a_fisher_that_is_not_finite_is_refused_and_changes_nothing(world, monkeypatch):
     import gradstore_unlearn.unlearn as engine
 
@@ -951,7 +1029,7 @@ def test_a_retain_pool_of_one_example_only_judges(world):
     """With one retained example there is nothing to split: it is the guard, and repairs and weighs nothing."""
     unlearner = Unlearner(world.model, world.store, retain=[world.train["r9"]], config=LENIENT)
     ownership = unlearner._ownership([world.train["r1"]])
-    pool, guard = unlearner._retain_samples({"r1"}, ownership, repairing=True)
+    pool, guard = unlearner._retain_samples({"r1"}, ownership, pooling=True)
     assert pool == [] and guard.sequences == [world.train["r9"]]
 
 

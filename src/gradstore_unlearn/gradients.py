@@ -137,8 +137,8 @@ def matrix_gradient(model: torch.nn.Module, sequences: Sequence[Sequence[int]], 
                     batch_size: int = 32) -> torch.Tensor:
     """float32 [V, D]: the gradient of the sequences' mean loss w.r.t. the whole input-embedding matrix.
 
-    Tied input/output embeddings are one matrix here, so both sides count: this is the first-order effect of
-    moving a row on these sequences, wherever the row is used.
+    With tied input/output embeddings this is one matrix, so both sides count: the first-order effect of moving
+    a row on these sequences, wherever the row is used (untied, the input side only).
     """
     weight = model.get_input_embeddings().weight
     out = torch.zeros_like(weight, dtype=torch.float32)

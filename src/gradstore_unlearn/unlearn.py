@@ -741,7 +741,7 @@ class Unlearner:
         examples by 12% under a 2% tolerance), and it must be disjoint from the repair pool, so that repair is
         judged on examples it never saw (measured: an overlapping guard passed requests that raised the loss of
         unseen retained examples by 17%). The pool also serves the Fisher preconditioner and the projection (its
-        gradient is what the step is projected against); with neither of the three the whole at-risk stratum
+        gradient is what the step is projected against); with none of the three the whole at-risk stratum
         goes to the guard.
         From the caller's retain sequences if given, else from the store's other examples.
         """
@@ -751,6 +751,10 @@ class Unlearner:
             pool = list(self._retain)
         else:
             ids = self._retained_ids(exclude)
+            # The examples of stopped-short changes this engine carries are being forgotten too (a commit will
+            # save those changes): neither the pool nor the guard may hold their loss down.
+            carried = {h for c in self._uncommitted for h in c["id_hashes"]}
+            ids = [i for i in ids if self._id_hash(i) not in carried] if carried else ids
             pool = self.store.get_sequences(ids) if ids else []
         pool = [s for s in pool if len(s) >= 2]
         if len(pool) < 2:  # all of it judges: a pool that also repaired or preconditioned would not be unseen
@@ -1119,10 +1123,10 @@ class Unlearner:
         rows = rows * ownership[tokens.long()][:, None]
         if precondition is not None:
             rows = rows * precondition[tokens.long()]
+        stepping = not (self._reached(float(forget_before.mean()), target) or spent)
         project = cfg.projection == "rows" and bool(repair)
-        if project:
-            rows = _without_conflict(rows, matrix_gradient(self.model, repair, pad_token_id=self.pad_token_id)
-                                     [tokens.long()])
+        if project and stepping:
+            rows = _project_stored_rows(rows, offsets, tokens, lrs, self._pool_gradient(repair))
         retain_grad = (embedding_gradient(self.model, retain.sequences, retain.weights.tolist(),
                                           pad_token_id=self.pad_token_id)[0] if retain else None)
         fresh_rows, forget_extra = (embedding_gradient(self.model, sequences, pad_token_id=self.pad_token_id,
@@ -1155,7 +1159,7 @@ class Unlearner:
             evaluations += 2
             return float(self._losses(sequences).mean()), self._guard_loss(retain)
 
-        if self._reached(float(forget_before.mean()), target) or spent:
+        if not stepping:
             # Already as unknown as never-seen examples (a record the model never learned): no step at all;
             # forgetting is then the erasure alone. Or no drift left to spend: no step either.
             scale, (f, r) = 0.0, (float(forget_before.mean()), retain_before)
@@ -1357,8 +1361,7 @@ class Unlearner:
             if precondition is not None:
                 direction = direction * precondition
             if project:
-                direction = _without_conflict(direction, matrix_gradient(self.model, repair,
-                                                                         pad_token_id=self.pad_token_id))
+                direction = _without_conflict(direction, self._pool_gradient(repair))
             norm = float(direction.norm())
             if norm == 0:
                 break
@@ -1404,6 +1407,10 @@ class Unlearner:
                 r = self._guard_loss(retain)
                 break  # no admissible step left: this is the best admissible point
         return float(losses.mean()), r, taken, evaluations, targets
+
+    def _pool_gradient(self, pool: list[list[int]]) -> torch.Tensor:
+        """float32 [V, D]: the pool's mean-loss gradient w.r.t. the whole embedding matrix, on the current model."""
+        return matrix_gradient(self.model, pool, pad_token_id=self.pad_token_id, batch_size=self.config.batch_size)
 
     def _preconditioner(self, pool: list[list[int]]) -> torch.Tensor | None:
         """float32 [V, D] or None: 1 / (F + damping), scaled to mean 1, F the retained pool's diagonal Fisher."""
@@ -1817,6 +1824,26 @@ def _without_conflict(direction: torch.Tensor, against: torch.Tensor) -> torch.T
     norms = against.square().sum(dim=-1, keepdim=True)
     coefficient = torch.where((dots > 0) & (norms > 0), dots / norms.clamp_min(1e-30), torch.zeros_like(dots))
     return direction - coefficient * against
+
+
+def _project_stored_rows(rows: torch.Tensor, offsets: torch.Tensor, tokens: torch.Tensor, lrs: torch.Tensor,
+                         gradient: torch.Tensor) -> torch.Tensor:
+    """The stored rows float32 [n, D] such that the step they make, sum over examples of lr_e * row per token, is
+    that step projected row by row off `gradient` float32 [V, D] (`_without_conflict`).
+
+    The kernel adds every example's row of a token to the same row of W, so it is their lr-weighted sum that
+    must not raise the pool's loss: projecting each example's row alone would also drop the parts that cancel
+    between examples. Every entry of a token takes the same correction, the sum's divided by the sum of their
+    learning rates, so that the kernel's sum of lr_e * correction is exactly the sum's correction.
+    offsets int [k + 1], tokens int [n], lrs float32 [k].
+    """
+    rate = torch.repeat_interleave(lrs, (offsets[1:] - offsets[:-1]).long())  # [n]: each row's example's lr
+    index = tokens.long()
+    step = torch.zeros_like(gradient).index_add_(0, index, rows * rate[:, None])
+    correction = step - _without_conflict(step, gradient)  # [V, D], zero where the sum lowers the pool's loss
+    total = torch.zeros(gradient.shape[0], dtype=rate.dtype, device=rate.device).index_add_(0, index, rate)
+    share = torch.where(total > 0, 1.0 / total.clamp_min(1e-30), torch.zeros_like(total))  # lr 0: nothing to move
+    return rows - correction[index] * share[index][:, None]
 
 
 def _sequence_digest(tokens: Any) -> bytes:

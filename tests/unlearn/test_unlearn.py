@@ -956,6 +956,52 @@ def test_the_projection_drops_only_the_part_of_a_row_that_raises_the_pool_loss()
                                                / gradient.square().sum(1, keepdim=True).clamp_min(1e-30)), atol=1e-6)
 
 
+def test_the_stored_step_is_projected_as_the_sum_the_kernel_makes():
+    """The kernel adds every example's row of a token into one row of W: it is that lr-weighted sum that is
+    projected (exactly), not each example's row alone (which would also drop what cancels between examples)."""
+    from gradstore_unlearn.unlearn import _project_stored_rows, _without_conflict
+
+    gen = torch.Generator().manual_seed(2)
+    vocab, width = 9, 5
+    offsets = torch.tensor([0, 4, 6, 11], dtype=torch.int64)  # three examples of 4, 2 and 5 rows
+    tokens = torch.tensor([0, 1, 2, 3, 1, 4, 1, 2, 5, 6, 7], dtype=torch.int32)
+    rows, gradient = torch.randn(11, width, generator=gen), torch.randn(vocab, width, generator=gen)
+    lrs = torch.tensor([0.5, 2.0, 0.0])  # the third example's rows move nothing, projected or not
+
+    def kernel_sum(r):
+        rate = torch.repeat_interleave(lrs, offsets[1:] - offsets[:-1])
+        return torch.zeros(vocab, width).index_add_(0, tokens.long(), r * rate[:, None])
+
+    projected = _project_stored_rows(rows, offsets, tokens, lrs, gradient)
+    assert torch.allclose(kernel_sum(projected), _without_conflict(kernel_sum(rows), gradient), atol=1e-5)
+    assert torch.equal(projected[8:], rows[8:])  # tokens only a zero-lr example holds: nothing to correct
+    # Each entry of a token is corrected alike, along that token's gradient row.
+    moved = (projected - rows)[tokens.long() == 1]
+    assert float(moved.abs().sum()) > 0 and torch.allclose(moved, moved[:1].expand_as(moved), atol=1e-6)
+    assert torch.allclose(moved[0] / moved[0].norm(), -gradient[1] / gradient[1].norm(), atol=1e-5)
+
+
+def test_the_examples_of_carried_changes_stay_out_of_the_pool_and_the_guard(world, monkeypatch):
+    """A stopped-short request's examples are being forgotten too (the next commit saves that change): the next
+    request's pool must not hold their loss down, nor its guard count their rise as damage."""
+    drawn = []
+    original = Unlearner._retain_samples
+
+    def keep(self, *args, **kwargs):
+        pool, guard = original(self, *args, **kwargs)
+        drawn.append([tuple(s) for s in pool + guard.sequences])
+        return pool, guard
+
+    monkeypatch.setattr(Unlearner, "_retain_samples", keep)
+    unlearner = Unlearner(world.model, world.store, config=ForgetConfig(retain_tolerance=0.002, retain_sample=200))
+    short = unlearner.forget(["r0"], mode="first_epoch", request_id="short")
+    assert short.status == "target_not_met"
+    unlearner.forget(["r1"], mode="first_epoch", request_id="next")
+    r0, r1 = tuple(world.train["r0"]), tuple(world.train["r1"])
+    assert r1 in drawn[0] and r0 not in drawn[0]  # the first request's sample: every other example
+    assert r0 not in drawn[1] and r1 not in drawn[1] and len(drawn[1]) == len(drawn[0]) - 1
+
+
 def test_the_pool_gradient_is_of_the_whole_tied_matrix(world):
     """matrix_gradient: the gradient of the pool's mean loss w.r.t. the tied matrix, so output-side rows count."""
     from gradstore_unlearn.gradients import matrix_gradient, own_mean_losses
@@ -1011,6 +1057,7 @@ def test_both_kinds_of_step_are_projected_against_the_pool_and_not_the_guard(wor
     assert raised <= 1e-6 * float(change.norm())
     assert pools and all(p == pools[0] for p in pools) and len(pools) >= report.iterations  # one per step
     assert not {tuple(s) for s in pools[0]} & {tuple(s) for s in guards[0]}
+    assert world.train["r1"] not in pools[0]  # never the example being forgotten
 
 
 def test_a_fisher_that_is_not_finite_is_refused_and_changes_nothing(world, monkeypatch):

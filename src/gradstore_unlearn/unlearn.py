@@ -37,13 +37,14 @@ What moves a shared row still costs the examples that share it. So by default ea
 (disjoint from the guard) to first order keeps only its part orthogonal to that row of their gradient. The
 gradient is of the whole tied matrix, so the output side counts too; it is read again on the current model
 before each fresh step. A row has D directions and the pool's gradient takes one: most of the step survives.
-Measured (benchmarks/projection_effect.py): on the demo's two requests, at three sampling seeds, the by-ID request
-got further (4.71, 4.73, 4.63 nats against 4.20, 3.74, 4.57 without; target 5.58) while both requests together
-moved the retain records' perplexity less (+1.54%, +1.67%, +1.01% against +2.07%, +1.62%, +2.63%) and the
-trained docstrings less (+1.65%, +1.61%, +1.85% against +2.57%, +2.65%, +3.09%). On eight random sets of four
-records it is closer to even: 1 set reached its target (none without), 4 of 8 got further, mean loss 4.30 against
-4.22 nats, retain records +1.36% against +1.39%, docstrings +0.89% against +1.16%. `projection="none"` is the
-plain step, kept for the ablation.
+Measured (benchmarks/projection_effect.py): on the demo's two requests, at three sampling seeds, both requests
+together moved the retain records' perplexity less (+1.52%, +1.50%, +1.02% against +2.15%, +1.62%, +2.42%
+without) and the trained docstrings less (+1.65%, +1.67%, +1.90% against +2.59%, +2.65%, +3.06%), while the
+by-ID request got as far or further at two seeds of three (4.71, 4.74, 4.20 nats against 4.20, 3.74, 4.57;
+target 5.58). On eight random sets of four records it is closer to even: 1 set reached its target (none
+without), 4 of 8 got further, mean loss 4.30 against 4.22 nats, retain records +1.36% against +1.39%,
+docstrings +0.89% against +1.16%. Only the embedding's step is projected: the other parameters of the layers
+ablation take their plain step. `projection="none"` is the plain step, kept for the ablation.
 
 `precondition="fisher"` divides each element of the ascent by the diagonal Fisher of a pool of retained examples
 (disjoint from the guard), plus a damping: the elements the retained examples are most sensitive to move least.

@@ -6,8 +6,9 @@ Trains the demo's model with capture (size tiny, exactly as `gradstore demo`), t
 request (iterative mode, 2% guard) twice from the same trained model and store: with `repair=False` (the
 default) and with `repair=True`. For each it reports the forgotten records' mean loss reached against the target,
 and the mean loss change of every group of retained training examples -- the retain-split records, the other
-forget candidates, the docstrings -- split by what the engine saw of them: the repair pool (which the repair step
-descends on), the guard sample (which judges every step), or neither. The "neither" column is the damage a user
+forget candidates, the docstrings -- split by what the engine saw of them: the pool (which the repair step descends
+on, and whose gradient every step is projected against: the default projection draws it with or without repair),
+the guard sample (which judges every step), or neither. The "neither" column is the damage a user
 gets on data the engine never looked at.
 
 Writes benchmarks/results/repair_effect_cpu.json (or `--out`).
@@ -63,16 +64,18 @@ def main(argv=None) -> None:
             name = f"repair={repair}"
             shutil.copytree(work / "store", work / name)
             trial = copy.deepcopy(model)
-            unlearner = Unlearner(trial, GradStore.open(work / name), tokenizer=tokenizer,
-                                  model_dir=work / f"{name}-model", config=ForgetConfig(repair=repair))
+            config = ForgetConfig(repair=repair)
+            unlearner = Unlearner(trial, GradStore.open(work / name), tokenizer=tokenizer, config=config)
             # The same draw the engine makes inside forget (seeded, from the store sorted by ID).
-            pool, guard = unlearner._retain_samples(gone, unlearner._ownership(encode(by_id)), repair)
+            pool, guard = unlearner._retain_samples(gone, unlearner._ownership(encode(by_id)),
+                                                    config.repair or config.projection != "none")
             repaired, guarded = {tuple(s) for s in pool}, {tuple(s) for s in guard.sequences}
-            report = unlearner.forget([d.id for d in by_id], mode="iterative", request_id=name)
+            report = unlearner.forget([d.id for d in by_id], mode="iterative",
+                                      request_id=f"repair-{str(repair).lower()}")
             change = {}
             for group, seqs in encoded.items():
                 after = sequence_losses(trial, seqs).double()
-                seen = [("repair pool", [tuple(s) in repaired for s in seqs]),
+                seen = [("pool", [tuple(s) in repaired for s in seqs]),
                         ("guard", [tuple(s) in guarded for s in seqs]),
                         ("neither", [tuple(s) not in repaired and tuple(s) not in guarded for s in seqs]),
                         ("all", [True] * len(seqs))]

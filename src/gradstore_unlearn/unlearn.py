@@ -27,9 +27,9 @@ rows that belong to the forgotten examples move, shared rows barely do. `row_wei
 paper's plain method, kept for the ablation. In iterative mode an optional repair step (`repair=True`) descends
 the retain loss of a pool of retained examples on the rows the forgotten examples do *not* own. It is off by
 default: it fits the examples it sees and not the others. Measured on the demo's by-ID request at the same 2%
-guard (benchmarks/repair_effect.py): with repair the forgotten records' loss stopped at 2.41 nats, without it at
-4.20 (target 5.58), while the retained examples neither the repair step nor the guard saw rose alike (docstrings
-+4.5% vs +4.7%, records +0.6% vs +0.3%); the repaired docstrings themselves fell 6.7%. The test world agrees
+guard (benchmarks/repair_effect.py): with repair the forgotten records' loss stopped at 2.54 nats, without it at
+4.71 (target 5.58), while the retained examples neither the repair step nor the guard saw rose as much or more
+(docstrings +4.5% vs +2.6%, records +0.7% vs +0.8%); the repaired docstrings themselves fell 7.4%. The test world agrees
 (with repair 1 of 5 sampling seeds reached the target, without 5 of 5).
 
 What moves a shared row still costs the examples that share it. So by default each step is also projected

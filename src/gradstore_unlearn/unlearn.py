@@ -28,9 +28,9 @@ paper's plain method, kept for the ablation. In iterative mode an optional repai
 the retain loss of a pool of retained examples on the rows the forgotten examples do *not* own. It is off by
 default: it fits the examples it sees and not the others. Measured on the demo's by-ID request at the same 2%
 guard (benchmarks/repair_effect.py): with repair the forgotten records' loss stopped at 2.54 nats, without it at
-4.71 (target 5.58), while the retained examples neither the repair step nor the guard saw rose as much or more
-(docstrings +4.5% vs +2.6%, records +0.7% vs +0.8%); the repaired docstrings themselves fell 7.4%. The test world agrees
-(with repair 1 of 5 sampling seeds reached the target, without 5 of 5).
+4.71 (target 5.58), while the retained examples neither the repair step nor the guard saw did not gain
+(docstrings +4.5% vs +2.6%, records +0.7% vs +0.8%); the repaired docstrings themselves fell 7.4%. The test
+world agrees (with repair 1 of 5 sampling seeds reached the target, without 5 of 5).
 
 What moves a shared row still costs the examples that share it. So by default each step is also projected
 (`projection="rows"`): every row of the step that would raise the mean loss of a pool of retained examples
@@ -166,7 +166,7 @@ class ForgetConfig:
     repair: bool = False  # True: after each fresh step, descend retained examples' loss on rows not owned
     precondition: str = "none"  # "fisher": divide each ascent element by the retained examples' Fisher (+ damping)
     fisher_damping: float = 1.0  # the damping, as a multiple of the Fisher's mean: larger is closer to plain ascent
-    projection: str = "rows"  # "rows": drop, row by row, the part of the ascent that raises a retained pool's loss; "none"
+    projection: str = "rows"  # "rows": drop, row by row, the part of a step that raises a retained pool's loss
     seed: int = 0
     batch_size: int = 32
 
@@ -1817,9 +1817,9 @@ def _stored_update(batch: Any, ids: list[Any], device: torch.device
 def _without_conflict(direction: torch.Tensor, against: torch.Tensor) -> torch.Tensor:
     """Row by row, `direction` less its component along `against` where the two point the same way.
 
-    direction, against: float32 [n, D]. A row whose step would raise the loss `against` is the gradient of
-    (a positive dot product) keeps only its part orthogonal to that gradient: to first order it no longer
-    raises that loss; rows that would lower it are left as they are.
+    direction, against: float32 [n, D], `against` the gradient of some loss. A row of the step that would raise
+    that loss (a positive dot product with its gradient row) keeps only its part orthogonal to the gradient row:
+    to first order it no longer raises the loss. Rows that would lower it are left as they are.
     """
     dots = (direction * against).sum(dim=-1, keepdim=True)
     norms = against.square().sum(dim=-1, keepdim=True)

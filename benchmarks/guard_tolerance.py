@@ -1,18 +1,18 @@
 """How much forgetting each percent of the retain guard buys, on the demo.
 
-    python benchmarks/guard_tolerance.py          # ~5 minutes on 2 cores
+    python benchmarks/guard_tolerance.py          # ~10 minutes on 2 cores
 
 Trains the demo's model with capture (size tiny, exactly as `gradstore demo`), then replays the demo's two requests
 (4 records by ID, 1 by a paraphrase of its text; iterative) from that same trained model and store, once per guard
 tolerance (`ForgetConfig(retain_tolerance=...)`, the per-request limit on the retain loss and perplexity), and at 2%
-three more ways: with the output layer untied from the input embedding before the requests (the update then acts on
-the input side only; see benchmarks/embedding_sides.py), with the ascent preconditioned by the retained examples'
-diagonal Fisher (`precondition="fisher"`), and with ownership weights to the 4th power instead of the square
-(`ownership_power=4`: shared rows move less); and with a 2% drift budget set on the store before the two requests
-(`Unlearner.set_drift_budget(0.02)`: both requests together may move the retained examples' perplexity by 2%, the
-demo's own check). After each replay it evaluates exactly as the demo does and
-records the demo's four checks, both requests' outcomes, and the perplexity of the trained docstrings and of general
-text.
+five more ways: without the conflict projection (`projection="none"`); with the output layer untied from the input
+embedding before the requests (the update then acts on the input side only; see benchmarks/embedding_sides.py); with
+the ascent preconditioned by the retained examples' diagonal Fisher (`precondition="fisher"`); with ownership weights
+to the 4th power instead of the square (`ownership_power=4`: shared rows move less); and with a 2% drift budget set
+on the store before the two requests (`Unlearner.set_drift_budget(0.02)`: both requests together may move the
+retained examples' perplexity by 2%, the demo's own check). After each replay it evaluates exactly as the demo does
+and records the demo's four checks, both requests' outcomes, and the perplexity of the trained docstrings and of
+general text.
 
 Writes benchmarks/results/guard_tolerance_cpu.json (or `--out`).
 """

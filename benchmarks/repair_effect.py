@@ -68,7 +68,7 @@ def main(argv=None) -> None:
             unlearner = Unlearner(trial, GradStore.open(work / name), tokenizer=tokenizer, config=config)
             # The same draw the engine makes inside forget (seeded, from the store sorted by ID).
             pool, guard = unlearner._retain_samples(gone, unlearner._ownership(encode(by_id)),
-                                                    config.repair or config.projection != "none")
+                                                    config.draws_pool("iterative"))
             repaired, guarded = {tuple(s) for s in pool}, {tuple(s) for s in guard.sequences}
             report = unlearner.forget([d.id for d in by_id], mode="iterative",
                                       request_id=f"repair-{str(repair).lower()}")

@@ -7,6 +7,7 @@ more than `max_bytes` of one request.
 
 from __future__ import annotations
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_response
@@ -25,7 +26,7 @@ class JsonBodiesOnly:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in BODY_METHODS:
-            declared = next((v.decode("latin-1") for n, v in scope.get("headers", ()) if n == b"content-type"), None)
+            declared = Headers(scope=scope).get("content-type")
             media = (declared or "").split(";", 1)[0].strip().lower()
             if declared is not None and media != "application/json" and not media.endswith("+json"):
                 response = error_response(415, "unsupported_media_type", "the request body must be JSON: send it "
@@ -49,15 +50,14 @@ class BodySizeLimit:
         if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = 0  # the HTTP server rejects malformed lengths; count what arrives instead
-                if declared > self.max_bytes:
-                    await self._refuse(scope, receive, send)
-                    return
+        for value in Headers(scope=scope).getlist("content-length"):
+            try:
+                declared = int(value)
+            except ValueError:
+                declared = 0  # the HTTP server rejects malformed lengths; count what arrives instead
+            if declared > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
         chunks: list[bytes] = []
         size = 0
         while True:

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 
 from fastapi.security import APIKeyHeader
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import error_response
@@ -61,9 +62,7 @@ class ApiKeyAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if protected(scope):
-            name = API_KEY_HEADER.lower().encode("latin-1")
-            # Header values are bytes; latin-1 maps each byte to one character, as Starlette's own headers do.
-            key = next((v.decode("latin-1") for n, v in scope.get("headers", ()) if n == name), None)
+            key = Headers(scope=scope).get(API_KEY_HEADER)  # case-insensitive; values decoded as latin-1
             problem = key_problem(key, self.digests)
             if problem is not None:
                 response = error_response(401, "unauthorized", problem,

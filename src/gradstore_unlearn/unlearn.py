@@ -170,6 +170,11 @@ class ForgetConfig:
     seed: int = 0
     batch_size: int = 32
 
+    def draws_pool(self, mode: str) -> bool:
+        """Whether a request in `mode` splits a pool of retained examples off its guard sample: the pool the
+        repair step descends on, the Fisher is taken over and the steps are projected against."""
+        return (mode == "iterative" and self.repair) or self.precondition == "fisher" or self.projection != "none"
+
     def validate(self) -> None:
         if self.row_weighting not in ("ownership", "none"):
             raise InvalidInputError(f"row_weighting must be 'ownership' or 'none', got {self.row_weighting!r}")
@@ -1088,9 +1093,7 @@ class Unlearner:
         if any(len(s) < 2 for s in sequences):
             raise ForgetError("a stored example has no token sequence to evaluate; capture stores it with the rows")
         ownership = self._ownership(sequences).to(self.device)
-        repair, retain = self._retain_samples(set(ids), ownership,
-                                              (mode == "iterative" and cfg.repair) or cfg.precondition == "fisher"
-                                              or cfg.projection != "none")
+        repair, retain = self._retain_samples(set(ids), ownership, cfg.draws_pool(mode))
         precondition = self._preconditioner(repair)
         forget_before = self._losses(sequences)
         holdout = self._losses(self.holdout)

@@ -356,7 +356,14 @@ class Engine:
                 raise ApiError(409, "request_id_conflict", str(err)) from None
 
     def dry_run(self, ids: Sequence[Any], mode: str, request_id: str) -> ForgetReport:
+        """Preview a forget on the published weights. A degraded server still answers it while the weights it
+        serves are where the audit log ends (the weights on disk were replaced under it, say); where they are not
+        (served off the record, or a failed commit's audit record already written), the library would refuse the
+        request as such, and the preview gets the same 503 `degraded` a real request gets, not a 422 that
+        blames the request."""
         with self.reading() as snap:
+            if self.degraded and not on_audit_record(self.store, snap.model_hash):
+                raise ApiError(503, "degraded", self.degraded)
             return snap.unlearner.forget(list(ids), mode=mode, request_id=request_id, dry_run=True)
 
     def forget(self, ids: Sequence[Any], mode: str, request_id: str) -> ForgetReport:

@@ -586,6 +586,16 @@ def on_audit_record(store: GradStore, weights: str) -> bool:
     return head is None or head == weights or _pending_links(store, head, weights) is not None
 
 
+def check_model_fits_store(model: torch.nn.Module, store: GradStore) -> None:
+    """Raise InvalidInputError unless `model`'s input embedding [V, D] could be what `store` captured: D equal to
+    the store's dim and V within its vocabulary (a store may be made wider than the model's vocabulary)."""
+    weight = _unwrapped(model).get_input_embeddings().weight
+    shape = tuple(getattr(weight, "ds_shape", None) or weight.shape)  # DeepSpeed ZeRO-3 keeps a [0] shard locally
+    if len(shape) != 2 or shape[1] != store.dim or shape[0] > store.vocab_size:
+        raise InvalidInputError(f"the store (dim {store.dim}, vocab {store.vocab_size}) was not captured from this "
+                                f"model (embedding {shape})")
+
+
 def adopt_model(store: GradStore, model: torch.nn.Module) -> str:
     """Append an `adopted` record: the audit chain goes on from `model`, changed off the record from where the log
     ended (fine-tuned after training, say). Returns its hash.
@@ -594,6 +604,7 @@ def adopt_model(store: GradStore, model: torch.nn.Module) -> str:
     earlier adopted or trained one): it still knows what that commit erased, and those examples could never be
     forgotten from it. Refused too while a commit is pending in the forget journal (the next forget, or a
     server's restart, finishes it). Holds the commit lock, so that no commit lands in between."""
+    check_model_fits_store(model, store)
     digest = model_hash(_unwrapped(model))
     with store.lock(COMMIT_LOCK, timeout_s=COMMIT_LOCK_TIMEOUT_S):
         if store.objects.list_dir(FORGET_JOURNAL):
@@ -634,6 +645,7 @@ def record_trained_model(store: GradStore, model: torch.nn.Module) -> str:
     (DDP's `.module`, torch.compile's `._orig_mod`) is looked through, so that the hash is the saved model's; under
     torch.distributed only rank 0 writes. (A PEFT model: record the merged model that is saved.) Returns the hash.
     """
+    check_model_fits_store(model, store)  # the chain would start at a model no forget on this store can use
     digest = model_hash(_unwrapped(model))
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_rank() == 0:
@@ -668,7 +680,8 @@ class Unlearner:
 
     model: the trained causal LM (modified in place). store: the `GradStore` its training captured into.
     holdout: token sequences the model never saw (default: the store's reference set). retain: token
-    sequences of kept examples for the guard (default: a sample of the store's other examples).
+    sequences of kept examples for the guard and pool (default: a sample of the store's other examples); any equal
+    to the token sequence of an example being forgotten is left out of each request's sample.
     model_dir: where the model lives on disk (a saved model: config.json and weights); with it, every successful
     request saves the weights atomically. Construct the engine right after loading the model from there: the
     weights found there at construction are taken for the model's own, and a commit over weights another
@@ -691,11 +704,8 @@ class Unlearner:
             # process's commit).
             raise InvalidInputError(f"model_dir {self.model_dir} holds no saved model (no config.json): save the "
                                     "model there first (save_pretrained), then construct the Unlearner")
+        check_model_fits_store(model, store)
         embedding = model.get_input_embeddings()
-        if embedding.weight.shape[1] != store.dim or embedding.weight.shape[0] > store.vocab_size:
-            raise InvalidInputError(
-                f"the store (dim {store.dim}, vocab {store.vocab_size}) was not captured from this model "
-                f"(embedding {tuple(embedding.weight.shape)})")
         self.holdout = [list(s) for s in holdout] if holdout is not None else load_reference_set(store)
         self._holdout_unchecked = holdout is not None  # a caller's holdout may hold trained texts: checked once
         self._retain = [list(s) for s in retain] if retain is not None else None
@@ -753,16 +763,28 @@ class Unlearner:
         """
         size = self.config.retain_sample
         rng = random.Random(self.config.seed)
+        # The examples of stopped-short changes this engine carries are being forgotten too (a commit will save
+        # those changes): neither the pool nor the guard may hold their loss down.
+        carried = {h for c in self._uncommitted for h in c["id_hashes"]}
         if self._retain is not None:
-            pool = list(self._retain)
+            # The caller's sequences carry no IDs: a copy of a forgotten example's sequence among them (a caller
+            # who passes the whole training set, say) is found by its tokens.
+            forgotten = [i for i in self.store.ids() if i in exclude or (carried and self._id_hash(i) in carried)]
+            gone = {tuple(s) for s in self.store.get_sequences(forgotten)} if forgotten else set()
+            pool = [s for s in self._retain if tuple(s) not in gone]
+            if len(pool) < len(self._retain):
+                log.warning("%d of the %d retain sequences given are the token sequences of examples being "
+                            "forgotten: left out of the guard and the pool", len(self._retain) - len(pool),
+                            len(self._retain))
+            pool = [s for s in pool if len(s) >= 2]
         else:
             ids = self._retained_ids(exclude)
-            # The examples of stopped-short changes this engine carries are being forgotten too (a commit will
-            # save those changes): neither the pool nor the guard may hold their loss down.
-            carried = {h for c in self._uncommitted for h in c["id_hashes"]}
             ids = [i for i in ids if self._id_hash(i) not in carried] if carried else ids
-            pool = self.store.get_sequences(ids) if ids else []
-        pool = [s for s in pool if len(s) >= 2]
+            # The drift budget's panel is not kept out: it is a random sample of the retained examples, pooled ones
+            # among them in their share, so it estimates their mean loss without bias. Kept out, it would sample the
+            # unprotected examples only and read high (benchmarks/results/sequential_requests_cpu_panel-kept-out-
+            # of-pool.json).
+            pool = [s for s in (self.store.get_sequences(ids) if ids else []) if len(s) >= 2]
         if len(pool) < 2:  # all of it judges: a pool that also repaired or preconditioned would not be unseen
             return [], _GuardSample(pool, torch.full((len(pool),), 1.0 / max(len(pool), 1), dtype=torch.float64))
         own = ownership.cpu().numpy()
@@ -832,6 +854,9 @@ class Unlearner:
             chosen = random.Random(self.config.seed).sample(ids, min(panel, len(ids)))
             sequences = self.store.get_sequences(chosen) if chosen else []
             kept = [(i, s) for i, s in zip(chosen, sequences, strict=True) if len(s) >= 2]
+            if len(kept) < panel:  # the reading's member count says so too
+                log.warning("the drift panel has %d members, not the %d asked for: the store holds %d retained "
+                            "examples, and one without a token sequence cannot be read", len(kept), panel, len(ids))
             losses = self._losses([s for _, s in kept]).tolist() if kept else []
             drift = new_drift_budget(budget, kind, model_hash(self.model),
                                      {self._id_hash(i): loss for (i, _), loss in zip(kept, losses, strict=True)})
@@ -1181,7 +1206,7 @@ class Unlearner:
         pulled_back = 1.0
         if drift is not None and cfg.calibrate and not spent:
             # The guard's sample held the request to the rise the budget had left; the budget itself is read on
-            # its panel, which may disagree a little. The panel has the last word.
+            # its panel, which may disagree. The panel has the last word.
             pulled_back, after, more = self._hold_to_budget(ids, params, base)
             evaluations += more
             if pulled_back < 1.0:

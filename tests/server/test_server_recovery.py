@@ -184,6 +184,8 @@ def test_weights_replaced_on_disk_stop_forgets_until_a_restart(workspace):
         assert "changed since the server loaded" in client.get("/v1/stats").json()["degraded"]
         refused = client.post("/v1/forget", json={"ids": [21]})
         assert refused.status_code == 503 and refused.json()["code"] == "degraded"
+        # The weights served are still on the record: a preview is answered.
+        assert client.post("/v1/forget", json={"ids": [21], "dry_run": True}).json()["status"] == "completed"
         assert client.get("/v1/stats").json()["model"]["hash"] == served
     assert disk_hash(workspace) == replaced  # not overwritten
     # Weights changed off the record are only forgotten on once adopted: until then the restarted server is
@@ -194,6 +196,9 @@ def test_weights_replaced_on_disk_stop_forgets_until_a_restart(workspace):
         waiting = client.get(f"/v1/jobs/{job['job_id']}").json()
         assert waiting["status"] == "queued" and waiting["error"]["code"] == "degraded"
         assert client.post("/v1/forget", json={"ids": [21]}).status_code == 503
+        # Served off the record, a preview is refused as the request itself is: 503, not a 422 that blames it.
+        preview = client.post("/v1/forget", json={"ids": [21], "dry_run": True})
+        assert preview.status_code == 503 and preview.json()["code"] == "degraded"
     adopt_model(GradStore.open(workspace.store), load_model(workspace.model)[0])  # `gradstore audit --adopt`
     with serve(workspace) as client:
         done = wait_job(client, job["job_id"])

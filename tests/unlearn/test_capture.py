@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -123,12 +124,24 @@ def test_a_slow_store_stalls_training_but_drops_nothing(tmp_path, monkeypatch):
     (writer,) = capture._writers
     real_append = writer.append
 
+    # The store is slow exactly while training waits on it: the writer's first append holds until the training
+    # thread blocks on the full queue, then takes 0.4 s more. (A store that is merely slow, 0.5 s an append,
+    # measured no stall on a loaded 2-core machine, where training was as slow as the store.)
+    blocking_put = capture._queue.put
+    training_waits = threading.Event()
+
+    def put(item, block=True, timeout=None):  # put_nowait comes here too, with block=False
+        if block:  # `_enqueue` blocks only once put_nowait found the queue full
+            training_waits.set()
+        return blocking_put(item, block, timeout)
+
     def slow_append(*args, **kwargs):
-        # Far slower than a training step of this model, even on a loaded machine (at 0.2 s a busy 2-core runner
-        # trained as slowly as the store wrote, and nothing stalled).
-        time.sleep(0.5)
+        if not training_waits.is_set():
+            assert training_waits.wait(timeout=60), "training never waited on the full queue"
+            time.sleep(0.4)
         return real_append(*args, **kwargs)
 
+    monkeypatch.setattr(capture._queue, "put", put)
     monkeypatch.setattr(writer, "append", slow_append)
     batches = [([f"x{s}-{i}" for i in range(2)], SEQUENCES[:2]) for s in range(6)]
     with capture:

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+import transformers
 from forget_setup import VOCAB, forget_records, record, tiny_model
 
 from gradstore import ErasedError, GradStore, InvalidInputError, UnknownIdError
@@ -1080,6 +1081,33 @@ def test_a_retain_pool_of_one_example_only_judges(world):
     assert pool == [] and guard.sequences == [world.train["r9"]]
 
 
+def test_a_drift_budget_does_not_change_which_examples_are_pooled(world):
+    """The budget's panel is a random sample of the retained examples, pooled ones among them in their share: it
+    reads their mean loss as it is. Keeping it out of the pool would make it a sample of the unprotected examples
+    only, which read higher than the mean over all of them (benchmarks/sequential_requests.py)."""
+    unlearner = Unlearner(world.model, world.store)
+    ownership = unlearner._ownership([world.train["r1"]])
+    pool = unlearner._retain_samples({"r1"}, ownership, True)[0]
+    unlearner.set_drift_budget(0.05, panel=20)
+    assert unlearner._retain_samples({"r1"}, ownership, True)[0] == pool
+
+
+def test_retain_sequences_of_examples_being_forgotten_are_left_out(world, caplog):
+    """A caller who passes every training sequence as `retain` would otherwise have the guard and the pool hold
+    the forgotten examples' loss down: sequences equal to an example being forgotten (this request's, or a
+    carried change's) are dropped, and the log says how many."""
+    retain = [world.train[k] for k in ("r0", "r1", "r2", "r3", "r4", "r5")]
+    unlearner = Unlearner(world.model, world.store, retain=retain)
+    ownership = unlearner._ownership([world.train["r1"]])
+    with caplog.at_level("WARNING", logger="gradstore_unlearn"):
+        pool, guard = unlearner._retain_samples({"r1"}, ownership, True)
+    assert world.train["r1"] not in pool + guard.sequences and len(pool + guard.sequences) == 5
+    assert "1 of the 6 retain sequences" in caplog.text
+    unlearner._uncommitted.append({"request_id": "short", "id_hashes": [world.store.id_hash("r0")]})
+    pool, guard = unlearner._retain_samples({"r1"}, ownership, True)
+    assert pool and guard and all(s in retain[2:] for s in pool + guard.sequences)
+
+
 def assert_one_positive_factor(original: dict, moved: dict, names: list[str], grads: list) -> None:
     """Each named parameter moved by its gradient times one factor shared by all of them (a joint step)."""
     factors = []
@@ -1234,6 +1262,19 @@ def test_the_trained_model_is_recorded_through_its_wrapper(world):
     assert model_hash(Wrapped(world.model)) != model_hash(world.model)
     assert record_trained_model(world.store, Wrapped(world.model)) == model_hash(world.model)
     assert world.store.audit_log()[-1]["model_hash"] == model_hash(world.model)
+
+
+def test_a_model_the_store_was_not_captured_from_is_never_recorded_or_adopted(world):
+    """The audit chain must not start (or go on) at a model no forget on this store could act on."""
+    from gradstore_unlearn.unlearn import adopt_model, record_trained_model
+
+    wider = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=48,
+                                                                 n_layer=1, n_head=2))
+    before = world.store.audit_log()
+    for write in (record_trained_model, adopt_model):
+        with pytest.raises(InvalidInputError, match=r"dim 32, vocab 96\) was not captured from this model \(embedding \(96, 48\)"):
+            write(world.store, wider)
+    assert world.store.audit_log() == before
 
 
 def test_a_model_that_is_not_where_the_audit_log_ends_is_refused_until_adopted(world, tmp_path):

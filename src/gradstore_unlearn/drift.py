@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,13 @@ from gradstore import FormatError, GradStore, InvalidInputError
 DRIFT_BUDGET_KEY = "unlearn/drift-budget.json"
 DRIFT_FORMAT = 1
 KINDS = ("perplexity", "loss")
+
+
+def panel_mean(losses: Iterable[float]) -> float:
+    """The mean of panel losses, the same to the last bit in any order (an exactly rounded sum): the panel is read in
+    the store's order, and its baseline in the order it was drawn."""
+    values = [float(v) for v in losses]
+    return math.fsum(values) / len(values)
 
 
 def allowed_rise(kind: str, tolerance: float, loss: float) -> float:

@@ -97,6 +97,7 @@ from .drift import (
     drop_from_panel,
     load_drift_budget,
     new_drift_budget,
+    panel_mean,
     signed_percent,
     write_drift_budget,
 )
@@ -862,7 +863,7 @@ class Unlearner:
                                      {self._id_hash(i): loss for (i, _), loss in zip(kept, losses, strict=True)})
             write_drift_budget(self.store, drift)
         # Read from the losses just written: nothing that can fail comes after the write.
-        mean = float(np.mean(losses))
+        mean = panel_mean(losses)
         return DriftReading(drift.budget, drift.kind, drift.model_hash, len(losses), mean, mean)
 
     def drift(self, exclude: Iterable[Any] = ()) -> DriftReading | None:
@@ -879,8 +880,8 @@ class Unlearner:
                               "forgotten, or being forgotten): set the budget again to draw a new panel "
                               "(gradstore drift --set)")
         sequences = self.store.get_sequences([i for i, _ in members])
-        now = float(self._losses(sequences).mean())
-        baseline = float(np.mean([budget.panel[h] for _, h in members]))
+        now = panel_mean(self._losses(sequences).tolist())
+        baseline = panel_mean(budget.panel[h] for _, h in members)
         return DriftReading(budget.budget, budget.kind, budget.model_hash, len(members), baseline, now)
 
     def _id_hash(self, example_id: Any) -> str:

@@ -45,10 +45,26 @@ def demo_benchmark_parser(doc: str, result: str) -> argparse.ArgumentParser:
     return p
 
 
+def cpu_model() -> str:
+    """The CPU's model name, family/model numbers and widest vector extension (Linux; else what platform says).
+    Recorded because the same training run gives a slightly different model on another CPU (the math library
+    takes other code paths), and every engine figure follows the trained model."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if ":" in line)
+    except OSError:
+        return platform.processor() or "unknown"
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = fields.get("flags", "").split()
+    vector = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "none")
+    return (f"{fields.get('model name', 'unknown')} (family {fields.get('cpu family', '?')}, model "
+            f"{fields.get('model', '?')}, {vector})")
+
+
 def save_cpu_result(out: Path, benchmark: str, setup: str, started: float, **payload: object) -> dict:
     """Write a CPU benchmark's result JSON to `out` (with the machine, versions, setup and its wall time) and say so."""
-    result = {"benchmark": benchmark, "machine": f"{os.cpu_count()}-core CPU", "python": platform.python_version(),
-              "torch": torch.__version__, "setup": setup, **payload,
+    result = {"benchmark": benchmark, "machine": f"{os.cpu_count()}-core CPU", "cpu": cpu_model(),
+              "python": platform.python_version(), "torch": torch.__version__, "setup": setup, **payload,
               "seconds": round(time.perf_counter() - started, 1)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -12,6 +12,11 @@ store each time:
   of the demo's), with and without the projection, and reads the retain-split records' and the trained docstrings'
   perplexity after it.
 
+The retain records and the docstrings are retained training examples, so a request's pool (the examples its steps are
+projected against, drawn from the store) may hold some of them: their loss is held down by construction, and they
+would flatter the evaluation. Each run therefore also reports both groups' perplexity change split into the examples
+some request of the run pooled and those none did.
+
 Writes benchmarks/results/projection_effect_cpu.json (or `--out`).
 """
 
@@ -46,6 +51,47 @@ def percent_change(after: float, before: float) -> float:
     return round(100 * (after / before - 1), 2)
 
 
+class PoolRecorder:
+    """While active, records the token sequences of every pool the engine draws (`Unlearner._retain_samples`)."""
+
+    def __init__(self) -> None:
+        self.pooled: set[tuple[int, ...]] = set()
+        self._original = Unlearner._retain_samples
+
+    def __enter__(self) -> PoolRecorder:
+        original = self._original
+
+        def recording(engine, *args, **kwargs):
+            pool, guard = original(engine, *args, **kwargs)
+            self.pooled.update(tuple(s) for s in pool)
+            return pool, guard
+
+        Unlearner._retain_samples = recording
+        return self
+
+    def __exit__(self, *exc) -> None:
+        Unlearner._retain_samples = self._original
+
+
+def split_by_pool(model, trained, sequences, pooled) -> dict:
+    """Perplexity change of `sequences` from `trained` to `model`, for those in `pooled` and those not."""
+    out = {}
+    for label, inside in (("pooled", True), ("never_pooled", False)):
+        subset = [s for s in sequences if (tuple(s) in pooled) == inside]
+        out[label] = {"n": len(subset), "ppl_change_pct": percent_change(perplexity(model, subset),
+                                                                         perplexity(trained, subset)) if subset else None}
+    return out
+
+
+def mean_change(runs: list[dict], group: str, label: str) -> float | None:
+    values = [r["by_pool"][group][label]["ppl_change_pct"] for r in runs if r["by_pool"][group][label]["n"]]
+    return round(sum(values) / len(values), 3) if values else None
+
+
+def pool_split_text(split: dict) -> str:
+    return ", ".join(f"{label} {v['n']}: {v['ppl_change_pct']:+.2f}%" for label, v in split.items() if v["n"])
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -72,7 +118,8 @@ def main(argv=None) -> None:
                 model, store = fresh_copy(trained)
                 unlearner = Unlearner(model, store, tokenizer=demo.tokenizer,
                                       config=ForgetConfig(projection=projection, seed=seed))
-                by_id, _, by_text = forget_demo_records(unlearner, demo)
+                with PoolRecorder() as recorder:
+                    by_id, _, by_text = forget_demo_records(unlearner, demo)
                 after = demo.evaluate(model)
                 checks = _checks(before, after, ks_test(after.forget_losses, after.holdout_losses)[1])
                 run = {"projection": projection, "sampling_seed": seed,
@@ -82,13 +129,18 @@ def main(argv=None) -> None:
                                      "guard_change_pct": round(100 * (r.retain_change or 0), 2)}
                                     for r in (by_id, by_text) if r is not None],
                        "checks": checks, "checks_passed": sum(c["passed"] for c in checks),
-                       "docstrings_ppl_change_pct": percent_change(perplexity(model, docstrings), docstrings_before)}
+                       "docstrings_ppl_change_pct": percent_change(perplexity(model, docstrings), docstrings_before),
+                       "by_pool": {"retain": split_by_pool(model, trained, retain, recorder.pooled),
+                                   "docstrings": split_by_pool(model, trained, docstrings, recorder.pooled)}}
                 demo_runs.append(run)
                 print(f"demo, seed {seed}, projection {projection}: "
                       + ", ".join(f"{r['request_id']} {r['status']} {r['forget_loss_after']:.2f}/{r['target_loss']:.2f}"
                                   for r in run["requests"])
                       + f"; checks {run['checks_passed']}/4 ({'; '.join(str(c['value']) for c in checks)}); "
                       f"docstrings {run['docstrings_ppl_change_pct']:+.2f}%", flush=True)
+                if recorder.pooled:
+                    print(f"  retain records {pool_split_text(run['by_pool']['retain'])}; docstrings "
+                          f"{pool_split_text(run['by_pool']['docstrings'])}", flush=True)
 
         # --- random forget sets of four records, one by-ID request each ---------------------------------------
         demo_ids = {d.id for d in demo.forget_docs}
@@ -103,15 +155,18 @@ def main(argv=None) -> None:
         for number, ids in enumerate(sets, 1):
             for projection in PROJECTIONS:
                 model, store = fresh_copy(trained)
-                report = Unlearner(model, store, tokenizer=demo.tokenizer,
-                                   config=ForgetConfig(projection=projection)).forget(ids, mode="iterative")
+                with PoolRecorder() as recorder:
+                    report = Unlearner(model, store, tokenizer=demo.tokenizer,
+                                       config=ForgetConfig(projection=projection)).forget(ids, mode="iterative")
                 run = {"set": number, "ids": ids, "projection": projection, "status": report.status,
                        "forget_loss_before": round(report.forget_loss_before, 3),
                        "forget_loss_after": round(report.forget_loss_after, 3),
                        "target_loss": round(report.target_loss, 3),
                        "guard_change_pct": round(100 * (report.retain_change or 0), 2),
                        "retain_ppl_change_pct": percent_change(perplexity(model, retain), retain_before),
-                       "docstrings_ppl_change_pct": percent_change(perplexity(model, docstrings), docstrings_before)}
+                       "docstrings_ppl_change_pct": percent_change(perplexity(model, docstrings), docstrings_before),
+                       "by_pool": {"retain": split_by_pool(model, trained, retain, recorder.pooled),
+                                   "docstrings": split_by_pool(model, trained, docstrings, recorder.pooled)}}
                 set_runs.append(run)
                 print(f"set {number}, projection {projection}: {run['status']} {run['forget_loss_after']:.2f}/"
                       f"{run['target_loss']:.2f}, retain records {run['retain_ppl_change_pct']:+.2f}%, docstrings "
@@ -127,10 +182,18 @@ def main(argv=None) -> None:
             **{f"mean_{key}": round(sum(r[key] for r in mine) / max(len(mine), 1), 3)
                for key in ("forget_loss_after", "retain_ppl_change_pct", "docstrings_ppl_change_pct")}}
         print(f"random sets, projection {projection}: {summary[projection]}")
+    # Does the pool flatter the evaluation? The projected runs' mean change of pooled vs never-pooled examples.
+    by_pool = {}
+    for name, runs in (("demo", demo_runs), ("random_sets", set_runs)):
+        projected = [r for r in runs if r["projection"] == "rows"]
+        by_pool[name] = {group: {label: mean_change(projected, group, label) for label in ("pooled", "never_pooled")}
+                         for group in ("retain", "docstrings")}
+        print(f"{name}, projected, mean perplexity change by pool membership: {by_pool[name]}")
     save_cpu_result(args.out, "projection_effect", f"the demo (size tiny, seed {args.seed}): its two requests per "
                     "sampling seed, and one by-ID request per random set of four records, from one trained model and "
                     "store, with projection='rows' and 'none'", started,
-                    demo_runs=demo_runs, random_sets=set_runs, random_sets_summary=summary)
+                    demo_runs=demo_runs, random_sets=set_runs, random_sets_summary=summary,
+                    projected_by_pool=by_pool)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ Erasure requests arrive one data subject at a time. This trains the demo's model
 configuration (2% guard per request), every request acting on the model the previous one left. After each request
 it reports the request's outcome and the state of the model against the trained one: the retain-split records' and
 the trained docstrings' perplexity change (cumulative), and the forgotten-so-far records' losses against never-seen
-ones (KS p-value, membership-inference AUC). Then the same five requests again from the trained model, with a
+ones (KS p-value, membership-inference AUC); and, to check the guard's and the drift budget panel's estimates, the
+change of the mean loss over every retained training example (the request's own, and since training). Then the same
+five requests again from the trained model, with a
 drift budget set on the store first (`--drift-budget`, 5%: all requests together may move the retained examples'
 perplexity that much; `Unlearner.set_drift_budget`).
 
@@ -23,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from bench_device import demo_benchmark_parser, save_cpu_result
 
 from gradstore import GradStore
@@ -46,12 +49,21 @@ def run_requests(demo, trained, store_path: Path, budget: float | None) -> list[
     never_seen = encode(demo.judge_docs)
     model = copy.deepcopy(trained)
     retain_ppl, docstrings_ppl = perplexity(model, retain), perplexity(model, docstrings)
+    # Every retained training example, to check the guard's and the panel's estimates against: the mean over
+    # examples of each one's mean token loss, the quantity both estimate (from a stratified and a random sample).
+    training = demo.train_docs
+    trained_losses = sequence_losses(model, encode(training)).double()
     unlearner = Unlearner(model, GradStore.open(store_path), tokenizer=demo.tokenizer, config=ForgetConfig())
     if budget is not None:
         unlearner.set_drift_budget(budget)
     forgotten, rows = [], []
     for n, doc in enumerate(demo.forget_docs, start=1):
+        asked_ids = {d.id for d in demo.forget_docs[:n]}
+        kept = torch.tensor([d.id not in asked_ids for d in training])
+        kept_docs = [d for d in training if d.id not in asked_ids]
+        start = sequence_losses(model, encode(kept_docs)).double()
         report = unlearner.forget([doc.id], mode="iterative", request_id=f"request-{n}")
+        end = sequence_losses(model, encode(kept_docs)).double()
         if report.status == "forgotten":
             forgotten.append(doc)
         # Every record asked for so far, committed or not: the model is left at its best admissible point
@@ -69,6 +81,10 @@ def run_requests(demo, trained, store_path: Path, budget: float | None) -> list[
             # measure of what the check below measures on the retain split.
             "drift_pct": None if report.drift is None else [round(100 * report.drift[k]["change"], 2)
                                                             for k in ("before", "after")],
+            # The truth the guard and the panel estimate, over all retained examples: this request's change of
+            # their mean loss (the guard's measure) and the change since training (the panel's, with a budget).
+            "retained_request_change_pct": round(100 * float(end.mean() / start.mean() - 1), 2),
+            "retained_total_change_pct": round(100 * float(end.mean() / trained_losses[kept].mean() - 1), 2),
             "retain_ppl_change_pct": round(100 * (perplexity(model, retain) / retain_ppl - 1), 2),
             "docstrings_ppl_change_pct": round(100 * (perplexity(model, docstrings) / docstrings_ppl - 1), 2),
             "asked_so_far": n, "committed_so_far": len(forgotten),
@@ -78,8 +94,9 @@ def run_requests(demo, trained, store_path: Path, budget: float | None) -> list[
         rows.append(row)
         print(f"request {n}: {report.status}, loss {report.forget_loss_before:.2f} -> "
               f"{report.forget_loss_after:.2f} (target {report.target_loss:.2f}), guard "
-              f"{row['guard_change_pct']:+.2f}%" + ("" if row["drift_pct"] is None else
-                                                    f", drift budget {row['drift_pct'][1]:+.2f}%")
+              f"{row['guard_change_pct']:+.2f}% (all retained {row['retained_request_change_pct']:+.2f}%)"
+              + ("" if row["drift_pct"] is None else f", drift budget {row['drift_pct'][1]:+.2f}% (all retained "
+                                                       f"{row['retained_total_change_pct']:+.2f}%)")
               + f"; since training: retain {row['retain_ppl_change_pct']:+.2f}%, "
               f"docstrings {row['docstrings_ppl_change_pct']:+.2f}%, KS p {row['ks_pvalue_asked_vs_never_seen']:.3f}, "
               f"MIA AUC {row['mia_auc_asked_vs_never_seen']:.2f}", flush=True)

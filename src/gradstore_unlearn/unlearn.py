@@ -855,6 +855,9 @@ class Unlearner:
             chosen = random.Random(self.config.seed).sample(ids, min(panel, len(ids)))
             sequences = self.store.get_sequences(chosen) if chosen else []
             kept = [(i, s) for i, s in zip(chosen, sequences, strict=True) if len(s) >= 2]
+            if not kept:
+                raise ForgetError("the store holds no retained example with a token sequence to draw a drift panel "
+                                  "from")
             if len(kept) < panel:  # the reading's member count says so too
                 log.warning("the drift panel has %d members, not the %d asked for: the store holds %d retained "
                             "examples, and one without a token sequence cannot be read", len(kept), panel, len(ids))

@@ -100,6 +100,18 @@ def test_a_bad_budget_is_refused_and_writes_nothing(world, budget, kind, panel, 
     assert load_drift_budget(world.store) is None
 
 
+def test_a_store_with_nothing_retained_draws_no_panel_and_writes_nothing(world, caplog):
+    unlearner = Unlearner(world.model, world.store)
+    with caplog.at_level("WARNING", logger="gradstore_unlearn"):
+        assert unlearner.set_drift_budget(0.1, panel=128).members == 40
+    assert "the drift panel has 40 members, not the 128 asked for" in caplog.text
+    unlearner.set_drift_budget(None)
+    world.store.erase(list(world.store.ids()))
+    with pytest.raises(ForgetError, match="no retained example with a token sequence"):
+        unlearner.set_drift_budget(0.1)
+    assert load_drift_budget(world.store) is None
+
+
 def test_a_damaged_budget_is_an_error_and_changes_nothing(world):
     unlearner = Unlearner(world.model, world.store, config=PER_REQUEST)
     unlearner.set_drift_budget(0.5, panel=8)

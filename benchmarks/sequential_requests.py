@@ -11,7 +11,7 @@ ones (KS p-value, membership-inference AUC); and, to check the guard's and the d
 change of the mean loss over every retained training example (the request's own, and since training). Then the same
 five requests again from the trained model, with a
 drift budget set on the store first (`--drift-budget`, 5%: all requests together may move the retained examples'
-perplexity that much; `Unlearner.set_drift_budget`).
+perplexity that much; `Unlearner.set_drift_budget`; `--panel`, 128: how many retained examples read it).
 
 Writes benchmarks/results/sequential_requests_cpu.json (or `--out`).
 """
@@ -38,10 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = demo_benchmark_parser(__doc__, "sequential_requests_cpu.json")
     p.add_argument("--drift-budget", type=float, default=0.05,
                    help="the store's drift budget for the second run (a fraction; 0.05 is 5%%)")
+    p.add_argument("--panel", type=int, default=128,
+                   help="the budget's panel: how many retained examples read it (set_drift_budget's panel)")
     return p.parse_args(argv)
 
 
-def run_requests(demo, trained, store_path: Path, budget: float | None) -> list[dict]:
+def run_requests(demo, trained, store_path: Path, budget: float | None, panel: int = 128) -> list[dict]:
     """The five requests on a copy of the trained model and its store; one row per request."""
     encode = demo.encode
     retain = encode([d for d in demo.train_docs if d.kind == "record" and d.split == "retain"])
@@ -55,7 +57,7 @@ def run_requests(demo, trained, store_path: Path, budget: float | None) -> list[
     trained_losses = sequence_losses(model, encode(training)).double()
     unlearner = Unlearner(model, GradStore.open(store_path), tokenizer=demo.tokenizer, config=ForgetConfig())
     if budget is not None:
-        unlearner.set_drift_budget(budget)
+        unlearner.set_drift_budget(budget, panel=panel)
     forgotten, rows = [], []
     for n, doc in enumerate(demo.forget_docs, start=1):
         asked_ids = {d.id for d in demo.forget_docs[:n]}
@@ -116,7 +118,7 @@ def main(argv=None) -> None:
         for name, budget in (("requests", None), ("requests_with_drift_budget", args.drift_budget)):
             print(f"{name}" + ("" if budget is None else f" ({100 * budget:g}% drift budget)"), flush=True)
             shutil.copytree(work / "store", work / "trial")
-            runs[name] = run_requests(demo, trained, work / "trial", budget)
+            runs[name] = run_requests(demo, trained, work / "trial", budget, args.panel)
             shutil.rmtree(work / "trial")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -124,8 +126,8 @@ def main(argv=None) -> None:
     save_cpu_result(args.out, "sequential_requests", f"the demo (size tiny, seed {args.seed}): its five forget "
                     "records, one iterative request each, by ID, default configuration (2% guard per request), in "
                     "sequence on the same model; then the same with a drift budget of "
-                    f"{100 * args.drift_budget:g}% set on the store first", started,
-                    drift_budget=args.drift_budget, **runs)
+                    f"{100 * args.drift_budget:g}% set on the store first (a panel of {args.panel})", started,
+                    drift_budget=args.drift_budget, panel=args.panel, **runs)
 
 
 if __name__ == "__main__":

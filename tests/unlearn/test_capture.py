@@ -125,18 +125,20 @@ def test_a_slow_store_stalls_training_but_drops_nothing(tmp_path, monkeypatch):
     real_append = writer.append
 
     # The store is slow exactly while training waits on it: the writer's first append holds until the training
-    # thread blocks on the full queue, then takes 0.4 s more. (A store that is merely slow, 0.5 s an append,
-    # measured no stall on a loaded 2-core machine, where training was as slow as the store.)
+    # thread blocks on the full queue behind it, then takes 0.4 s more. (A store that is merely slow, 0.5 s an
+    # append, measured no stall on a loaded 2-core machine, where training was as slow as the store; and training
+    # may block once before the writer has taken its first job, which is no wait on the store.)
     blocking_put = capture._queue.put
-    training_waits = threading.Event()
+    appending, training_waits = threading.Event(), threading.Event()
 
     def put(item, block=True, timeout=None):  # put_nowait comes here too, with block=False
-        if block:  # `_enqueue` blocks only once put_nowait found the queue full
+        if block and appending.is_set():  # `_enqueue` blocks only once put_nowait found the queue full
             training_waits.set()
         return blocking_put(item, block, timeout)
 
     def slow_append(*args, **kwargs):
-        if not training_waits.is_set():
+        if not appending.is_set():
+            appending.set()
             assert training_waits.wait(timeout=60), "training never waited on the full queue"
             time.sleep(0.4)
         return real_append(*args, **kwargs)

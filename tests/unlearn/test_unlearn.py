@@ -1083,8 +1083,8 @@ def test_a_retain_pool_of_one_example_only_judges(world):
 
 def test_a_drift_budget_does_not_change_which_examples_are_pooled(world):
     """The budget's panel is a random sample of the retained examples, pooled ones among them in their share: it
-    reads their mean loss as it is. Keeping it out of the pool would make it a sample of the unprotected examples
-    only, which read higher than the mean over all of them (benchmarks/sequential_requests.py)."""
+    reads their mean loss without bias. Kept out of the pool, it would sample the unprotected examples only, which
+    read higher than the mean over all of them (benchmarks/results/sequential_requests_cpu_panel-kept-out-of-pool.json)."""
     unlearner = Unlearner(world.model, world.store)
     ownership = unlearner._ownership([world.train["r1"]])
     pool = unlearner._retain_samples({"r1"}, ownership, True)[0]

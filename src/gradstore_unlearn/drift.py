@@ -2,7 +2,7 @@
 
 Each request's guard bounds what *that* request does, measured from the model it starts on, so requests in a row
 add up (benchmarks/sequential_requests.py: five requests, each within its own 2% guard, moved the retained records'
-perplexity 6.5%). A drift budget bounds the sum. It lives in the store, so every engine on the store -- library,
+perplexity 4.9%). A drift budget bounds the sum. It lives in the store, so every engine on the store -- library,
 command line, server -- honours the same one:
 
 - a *panel* of retained examples drawn at random when the budget is set, with each one's loss on the model as it

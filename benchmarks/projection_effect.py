@@ -1,23 +1,25 @@
-"""What the conflict projection (`ForgetConfig(projection="rows")`, the default) does, against the plain step.
+"""What one part of the default method does, against the method without it: the conflict projection
+(`ForgetConfig(projection="rows")`, against the plain step) or the paced steps of iterative mode
+(`ForgetConfig(step_room=0.15)`, against steps that may spend the guard's whole room at once, as before pacing).
 
-    python benchmarks/projection_effect.py          # ~12 minutes on 2 cores
+    python benchmarks/projection_effect.py                      # ~15 minutes on 2 cores
+    python benchmarks/projection_effect.py --compare step_room  # the same runs, paced against unpaced
 
 Trains the demo's model with capture (size tiny, exactly as `gradstore demo`), then, from that same trained model and
-store each time:
+store each time, for the default method and the variant:
 
-- replays the demo's two requests (4 records by ID, 1 by a paraphrase of its text; iterative, 2% guard) with and
-  without the projection, at three sampling seeds (`ForgetConfig(seed=...)`: which retained examples the guard and the
-  pool hold), and evaluates each result as the demo does (its four checks, the trained docstrings' perplexity);
+- replays the demo's two requests (4 records by ID, 1 by a paraphrase of its text; iterative, 2% guard) at three
+  sampling seeds (`ForgetConfig(seed=...)`: which retained examples the guard and the pool hold), and evaluates each
+  result as the demo does (its four checks, the trained docstrings' perplexity);
 - runs one by-ID request (iterative, 2% guard) on each of several random sets of four forget-candidate records (none
-  of the demo's), with and without the projection, and reads the retain-split records' and the trained docstrings'
-  perplexity after it.
+  of the demo's), and reads the retain-split records' and the trained docstrings' perplexity after it.
 
 The retain records and the docstrings are retained training examples, so a request's pool (the examples its steps are
 projected against, drawn from the store) may hold some of them: their loss is held down by construction, and they
 would flatter the evaluation. Each run therefore also reports both groups' perplexity change split into the examples
 some request of the run pooled and those none did.
 
-Writes benchmarks/results/projection_effect_cpu.json (or `--out`).
+Writes benchmarks/results/projection_effect_cpu.json or step_room_cpu.json (or `--out`).
 """
 
 from __future__ import annotations
@@ -30,21 +32,32 @@ import time
 from pathlib import Path
 
 import torch
-from bench_device import demo_benchmark_parser, save_cpu_result
+from bench_device import RESULTS, demo_benchmark_parser, save_cpu_result
 
 from gradstore import GradStore
 from gradstore_unlearn.demo import DEMO_SIZES, _checks, forget_demo_records, prepare_data, train_demo_model
 from gradstore_unlearn.evaluate import ks_test, perplexity
 from gradstore_unlearn.unlearn import ForgetConfig, Unlearner
 
-PROJECTIONS = ("rows", "none")
+# Per comparison: the default method and the variant, each (name, ForgetConfig settings); the result file.
+COMPARISONS = {
+    "projection": ((("rows", {}), ("none", {"projection": "none"})), "projection_effect_cpu.json"),
+    # Unpaced: the stored step may still spend only a quarter of the room, and the first fresh step is 2% of ||W||,
+    # as before pacing was the default.
+    "step_room": ((("paced", {}), ("unpaced", {"step_room": 1.0, "iterative_step": 0.02})), "step_room_cpu.json"),
+}
 
 
 def parse_args(argv=None):
-    p = demo_benchmark_parser(__doc__, "projection_effect_cpu.json")
+    p = demo_benchmark_parser(__doc__, "")
+    p.set_defaults(out=None)  # the comparison's own result file
+    p.add_argument("--compare", choices=sorted(COMPARISONS), default="projection")
     p.add_argument("--sampling-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--random-sets", type=int, default=8, help="random forget sets of four records")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS / COMPARISONS[args.compare][1]
+    return args
 
 
 def percent_change(after: float, before: float) -> float:
@@ -94,6 +107,7 @@ def pool_split_text(split: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    variants = COMPARISONS[args.compare][0]
     started = time.perf_counter()
     spec = DEMO_SIZES["tiny"]
     demo = prepare_data(spec, args.seed)
@@ -114,15 +128,15 @@ def main(argv=None) -> None:
 
         # --- the demo's two requests, per sampling seed -------------------------------------------------------
         for seed in args.sampling_seeds:
-            for projection in PROJECTIONS:
+            for variant, settings in variants:
                 model, store = fresh_copy(trained)
                 unlearner = Unlearner(model, store, tokenizer=demo.tokenizer,
-                                      config=ForgetConfig(projection=projection, seed=seed))
+                                      config=ForgetConfig(**settings, seed=seed))
                 with PoolRecorder() as recorder:
                     by_id, _, by_text = forget_demo_records(unlearner, demo)
                 after = demo.evaluate(model)
                 checks = _checks(before, after, ks_test(after.forget_losses, after.holdout_losses)[1])
-                run = {"projection": projection, "sampling_seed": seed,
+                run = {"variant": variant, "sampling_seed": seed,
                        "requests": [{"request_id": r.request_id, "status": r.status,
                                      "forget_loss_after": round(r.forget_loss_after, 3),
                                      "target_loss": round(r.target_loss, 3),
@@ -133,7 +147,7 @@ def main(argv=None) -> None:
                        "by_pool": {"retain": split_by_pool(model, trained, retain, recorder.pooled),
                                    "docstrings": split_by_pool(model, trained, docstrings, recorder.pooled)}}
                 demo_runs.append(run)
-                print(f"demo, seed {seed}, projection {projection}: "
+                print(f"demo, seed {seed}, {variant}: "
                       + ", ".join(f"{r['request_id']} {r['status']} {r['forget_loss_after']:.2f}/{r['target_loss']:.2f}"
                                   for r in run["requests"])
                       + f"; checks {run['checks_passed']}/4 ({'; '.join(str(c['value']) for c in checks)}); "
@@ -153,12 +167,12 @@ def main(argv=None) -> None:
             sets += [order[i : i + 4] for i in range(0, len(order) - 3, 4)]
         sets = sets[: args.random_sets]
         for number, ids in enumerate(sets, 1):
-            for projection in PROJECTIONS:
+            for variant, settings in variants:
                 model, store = fresh_copy(trained)
                 with PoolRecorder() as recorder:
                     report = Unlearner(model, store, tokenizer=demo.tokenizer,
-                                       config=ForgetConfig(projection=projection)).forget(ids, mode="iterative")
-                run = {"set": number, "ids": ids, "projection": projection, "status": report.status,
+                                       config=ForgetConfig(**settings)).forget(ids, mode="iterative")
+                run = {"set": number, "ids": ids, "variant": variant, "status": report.status,
                        "forget_loss_before": round(report.forget_loss_before, 3),
                        "forget_loss_after": round(report.forget_loss_after, 3),
                        "target_loss": round(report.target_loss, 3),
@@ -168,32 +182,33 @@ def main(argv=None) -> None:
                        "by_pool": {"retain": split_by_pool(model, trained, retain, recorder.pooled),
                                    "docstrings": split_by_pool(model, trained, docstrings, recorder.pooled)}}
                 set_runs.append(run)
-                print(f"set {number}, projection {projection}: {run['status']} {run['forget_loss_after']:.2f}/"
+                print(f"set {number}, {variant}: {run['status']} {run['forget_loss_after']:.2f}/"
                       f"{run['target_loss']:.2f}, retain records {run['retain_ppl_change_pct']:+.2f}%, docstrings "
                       f"{run['docstrings_ppl_change_pct']:+.2f}%", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     summary = {}
-    for projection in PROJECTIONS:
-        mine = [r for r in set_runs if r["projection"] == projection]
-        summary[projection] = {
+    for variant, _ in variants:
+        mine = [r for r in set_runs if r["variant"] == variant]
+        summary[variant] = {
             "sets_forgotten": sum(r["status"] == "forgotten" for r in mine), "sets": len(mine),
             **{f"mean_{key}": round(sum(r[key] for r in mine) / max(len(mine), 1), 3)
                for key in ("forget_loss_after", "retain_ppl_change_pct", "docstrings_ppl_change_pct")}}
-        print(f"random sets, projection {projection}: {summary[projection]}")
-    # Does the pool flatter the evaluation? The projected runs' mean change of pooled vs never-pooled examples.
+        print(f"random sets, {variant}: {summary[variant]}")
+    # Does the pool flatter the evaluation? The default method's mean change of pooled vs never-pooled examples.
     by_pool = {}
     for name, runs in (("demo", demo_runs), ("random_sets", set_runs)):
-        projected = [r for r in runs if r["projection"] == "rows"]
+        projected = [r for r in runs if r["variant"] == variants[0][0]]
         by_pool[name] = {group: {label: mean_change(projected, group, label) for label in ("pooled", "never_pooled")}
                          for group in ("retain", "docstrings")}
-        print(f"{name}, projected, mean perplexity change by pool membership: {by_pool[name]}")
-    save_cpu_result(args.out, "projection_effect", f"the demo (size tiny, seed {args.seed}): its two requests per "
-                    "sampling seed, and one by-ID request per random set of four records, from one trained model and "
-                    "store, with projection='rows' and 'none'", started,
+        print(f"{name}, {variants[0][0]}, mean perplexity change by pool membership: {by_pool[name]}")
+    save_cpu_result(args.out, Path(COMPARISONS[args.compare][1]).stem.removesuffix("_cpu"),
+                    f"the demo (size tiny, seed {args.seed}): its two requests per sampling seed, and one by-ID request "
+                    "per random set of four records, from one trained model and store, with the default method and "
+                    f"with {variants[1][1]}", started, variants=dict(variants),
                     demo_runs=demo_runs, random_sets=set_runs, random_sets_summary=summary,
-                    projected_by_pool=by_pool)
+                    default_by_pool=by_pool)
 
 
 if __name__ == "__main__":

@@ -161,7 +161,11 @@ class ForgetConfig:
     calibrate: bool = True  # False: apply `initial_scale` as is (the "fixed step" ablation)
     bisect_steps: int = 14
     max_iterations: int = 40
-    iterative_step: float = 0.02  # first fresh step, as a fraction of ||W|| (x1.5 after a good step, /2 after a bad)
+    iterative_step: float = 0.01  # first fresh step, as a fraction of ||W|| (x1.5 after a good step, /2 after a bad)
+    # In iterative mode each step (the stored one included) may spend at most this fraction of the guard's room
+    # left: many small steps, each projected against the pool's gradient on the model as it then is, forget
+    # more within the guard than a few large ones (benchmarks/results/step_room_cpu.json). 1: no pacing.
+    step_room: float = 0.15
     confidence_power: float = 0.0  # > 0: fresh ascent weighs each token by p^γ (see gradients.own_mean_losses)
     retain_sample: int = 64
     repair: bool = False  # True: after each fresh step, descend retained examples' loss on rows not owned
@@ -197,7 +201,7 @@ class ForgetConfig:
         # Every number is checked here, when the configuration is made, not half-way through a request.
         ranges = {"retain_tolerance": (0, 10), "target_tolerance": (0, 1), "ownership_power": (None, None),
                   "initial_scale": (0, None), "iterative_step": (0, None), "confidence_power": (None, None),
-                  "fisher_damping": (0, None)}
+                  "fisher_damping": (0, None), "step_room": (0, None)}
         for name, (above, below) in ranges.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -1141,9 +1145,9 @@ class Unlearner:
         if budget_binds:
             limit = retain_before + max(drift.remaining, 0.0)
         evaluations += drift is not None
-        # In iterative mode the stored step may spend only a quarter of the guard's budget: the fresh steps that
-        # follow need room to work in (measured: a stored step that spends it all leaves them stuck).
-        stored_limit = limit if mode == "first_epoch" else retain_before + (limit - retain_before) / 4
+        # In iterative mode the stored step is paced like the fresh steps that follow (`step_room`): they need
+        # room to work in (measured: a stored step that spends it all leaves them stuck).
+        stored_limit = limit if mode == "first_epoch" else paced_limit(retain_before, limit, cfg.step_room)
         params = self._parameters()
         base = {n: p.detach().clone() for n, p in params}
         weight = params[0][1]
@@ -1368,8 +1372,9 @@ class Unlearner:
         w_i = t_i - L_i (every example pulled toward its own target t_i: up if below, down if above), rows
         weighted by ownership; a normalised step of `iterative_step` x ||W||; then, with `repair=True`, a repair
         step that descends the loss of a batch from the repair pool on the rows the forgotten examples do not own.
-        The guard sample is checked after every step; a step that breaks it (or overshoots the target band) is
-        undone and the step size halved, a step that passes lets the next one grow by half.
+        The guard sample is checked after every step; a step that spends more than `step_room` of the guard's room
+        left (or overshoots the target band) is undone and the step size halved, a step that passes lets the next
+        one grow by half. So the room shrinks geometrically and the steps with it, each aimed anew.
         """
         cfg = self.config
         weight = params[0][1]
@@ -1413,7 +1418,7 @@ class Unlearner:
                 evaluations += 2
                 log.debug("step %d (size %.3g): forget loss %.4f (target %.4f), retain loss %.4f (limit %.4f)",
                           taken + 1, step, float(new_losses.mean()), target, r, limit)
-                if r <= limit and float(new_losses.mean()) <= band[1]:
+                if r <= paced_limit(admissible_r, limit, cfg.step_room) and float(new_losses.mean()) <= band[1]:
                     losses = new_losses
                     taken += 1
                     step *= 1.5
@@ -1832,6 +1837,16 @@ class Unlearner:
         solved = inverse_hvp(self.model, train_sequences, g.float(), damping=damping, method=method,
                              iterations=iterations, lissa_scale=lissa_scale, pad_token_id=self.pad_token_id)
         return float((g.float() * solved).sum())
+
+
+def paced_limit(current: float, limit: float, room: float) -> float:
+    """The guard loss one step may reach: `room` of what is left below `limit` (all of it from room >= 1).
+
+    Why pace: the damage a step does grows faster than its size (the projection removes only its first-order
+    part), and each new step is projected against the retained pool's gradient on the model as it then is. A
+    step that spends the guard's whole room at once leaves nothing for the better-aimed steps after it.
+    """
+    return current + min(room, 1.0) * max(limit - current, 0.0)
 
 
 def _stored_update(batch: Any, ids: list[Any], device: torch.device

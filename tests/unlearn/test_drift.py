@@ -13,9 +13,10 @@ from gradstore_unlearn.drift import DRIFT_BUDGET_KEY, load_drift_budget
 from gradstore_unlearn.unlearn import ForgetConfig, ForgetError, Unlearner, model_hash
 
 # Each request may raise the retain loss 10% (the engine tests' lenient guard, under which the tiny world's records
-# reach their target); the budget allows 15% over all of them together.
+# reach their target); the budget allows 10% over all of them together (at 15% the paced requests reached their
+# targets before it bound).
 PER_REQUEST = ForgetConfig(retain_tolerance=0.10)
-BUDGET = 0.15
+BUDGET = 0.10
 ASKED = [f"r{i}" for i in range(5, 10)]
 
 
@@ -44,7 +45,7 @@ def test_a_drift_budget_bounds_what_the_requests_do_together(world, built, tmp_p
     for i in ASKED:
         free.forget([i], mode="iterative")
     # (Read without every example asked for, the bounded model may stand a little over the budget: each request
-    # read the panel without its own examples and the uncommitted ones. Measured: 0.126 bounded, 0.200 free.)
+    # read the panel without its own examples and the uncommitted ones. Measured: 0.098 bounded, 0.174 free.)
     assert drifted <= BUDGET * 1.1 < free.drift(ASKED).change
 
     # A budget lowered below what has been spent (its baseline kept): the next request takes no step at all.

@@ -133,7 +133,9 @@ def test_token_logprobs_and_perplexity(model, tok):
     # token-weighted: every token counts once, so long sequences weigh more than in mean(losses)
     total_nll = -sum(float(lp.sum()) for lp in lps)
     n_tokens = sum(len(s) - 1 for s in seqs)
-    assert ev.perplexity(model, seqs) == pytest.approx(math.exp(total_nll / n_tokens), rel=1e-9)
+    # rel 1e-6, not tighter: the two read float32 logits from batches padded differently (batch_size 2 here, 32
+    # there), which on some CPUs round differently in the last bits (measured: 2.5e-8 on an AMD EPYC).
+    assert ev.perplexity(model, seqs) == pytest.approx(math.exp(total_nll / n_tokens), rel=1e-6)
     assert ev.perplexity(model, seqs) != pytest.approx(math.exp(float(losses.mean())), rel=1e-6)
 
 

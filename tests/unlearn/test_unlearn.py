@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import shutil
@@ -144,13 +145,13 @@ def test_an_over_large_initial_scale_is_pulled_back_by_calibration(world, tmp_pa
 
 def test_requests_are_idempotent_and_already_forgotten_ids_are_reported(world):
     unlearner = Unlearner(world.model, world.store, config=LENIENT)
-    first = unlearner.forget(["r4"], mode="iterative", request_id="req-1")
+    first = unlearner.forget(["r3"], mode="iterative", request_id="req-1")
     state = model_hash(world.model)
-    again = unlearner.forget(["r4"], mode="iterative", request_id="req-1")
+    again = unlearner.forget(["r3"], mode="iterative", request_id="req-1")
     assert again.request_id == first.request_id and again.status == first.status
     assert model_hash(world.model) == state
-    later = unlearner.forget(["r4"], mode="iterative")
-    assert later.status == "nothing_to_do" and later.already_forgotten == ["r4"]
+    later = unlearner.forget(["r3"], mode="iterative")
+    assert later.status == "nothing_to_do" and later.already_forgotten == ["r3"]
     assert model_hash(world.model) == state
     # A request id names one request: reused for other examples it is refused, not answered with the old report.
     with pytest.raises(ForgetError, match="already used for a different set of examples"):
@@ -159,8 +160,8 @@ def test_requests_are_idempotent_and_already_forgotten_ids_are_reported(world):
     with pytest.raises(ForgetError, match="already used for a different set of examples"):  # a dry run alike
         unlearner.forget(["r5"], request_id="req-1", dry_run=True)
     with pytest.raises(ForgetError, match="already used in mode 'iterative'"):  # and the mode is part of it
-        unlearner.forget(["r4"], mode="first_epoch", request_id="req-1")
-    assert unlearner.forget(["r4"], mode="iterative", request_id="req-1", dry_run=True).status == "dry_run"
+        unlearner.forget(["r3"], mode="first_epoch", request_id="req-1")
+    assert unlearner.forget(["r3"], mode="iterative", request_id="req-1", dry_run=True).status == "dry_run"
 
 
 def test_five_sequential_requests_each_act_on_the_current_model(world):
@@ -643,6 +644,34 @@ def test_iterations_count_the_steps_taken(world, monkeypatch):
     assert report.status == "forgotten" and 1 <= kept <= gradients and report.iterations == 1 + kept
 
 
+def test_a_paced_step_may_spend_its_share_of_the_room_left_and_no_more():
+    from gradstore_unlearn.unlearn import paced_limit
+
+    assert paced_limit(1.0, 1.2, 0.25) == pytest.approx(1.05)
+    assert paced_limit(1.0, 1.2, 1.0) == paced_limit(1.0, 1.2, 3.0) == pytest.approx(1.2)  # at most all of it
+    assert paced_limit(1.3, 1.2, 0.25) == 1.3  # over the limit already: no room, but no pull below where it is
+
+
+def test_each_step_of_an_iterative_request_spends_at_most_its_share_of_the_guards_room(world, monkeypatch):
+    """The stored step and every fresh step are accepted only within `step_room` of the room left before them,
+    so the room shrinks geometrically and the request takes several small steps, each projected anew."""
+    import gradstore_unlearn.unlearn as engine
+
+    calls = []
+    real = engine.paced_limit
+    monkeypatch.setattr(engine, "paced_limit", lambda *args: calls.append(args) or real(*args))
+    config = ForgetConfig(retain_tolerance=0.10, step_room=0.3)
+    report = Unlearner(world.model, world.store, config=config).forget(["r1"], mode="iterative")
+    limit = calls[0][1]
+    assert all(room == 0.3 and bound == limit for _, bound, room in calls)
+    # Each step starts where the last accepted one left the guard: within 0.3 of the room left before it.
+    starts = [current for current, _, _ in calls]
+    kept = [(a, b) for a, b in itertools.pairwise(starts) if b != a]
+    assert report.iterations >= 3 and len(kept) >= 2
+    assert all(b <= a + 0.3 * (limit - a) + 1e-9 for a, b in kept)
+    assert report.retain_loss_after <= limit + 1e-9
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("batch_size", 0, "batch_size must be an integer >= 1"),
     ("bisect_steps", "many", "bisect_steps must be an integer >= 0"),
@@ -653,6 +682,7 @@ def test_iterations_count_the_steps_taken(world, monkeypatch):
     ("precondition", "adam", "precondition must be 'none' or 'fisher'"),
     ("fisher_damping", 0.0, "fisher_damping must be > 0"),
     ("projection", "orthogonal", "projection must be 'none' or 'rows'"),
+    ("step_room", 0.0, "step_room must be > 0"),
 ])
 def test_every_forget_setting_is_checked_when_the_configuration_is_made(field, value, message):
     with pytest.raises(InvalidInputError, match=message):

@@ -42,8 +42,8 @@ from gradstore_unlearn.unlearn import ForgetConfig, Unlearner
 # Per comparison: the default method and the variant, each (name, ForgetConfig settings); the result file.
 COMPARISONS = {
     "projection": ((("rows", {}), ("none", {"projection": "none"})), "projection_effect_cpu.json"),
-    # Unpaced: the stored step may still spend only a quarter of the room, and the first fresh step is 2% of ||W||,
-    # as before pacing was the default.
+    # Unpaced, as before pacing was the default: the stored step spends up to a quarter of the room, each fresh step
+    # all of the room left, and the first fresh step is 2% of ||W||.
     "step_room": ((("paced", {}), ("unpaced", {"step_room": 1.0, "iterative_step": 0.02})), "step_room_cpu.json"),
 }
 

@@ -162,9 +162,10 @@ class ForgetConfig:
     bisect_steps: int = 14
     max_iterations: int = 40
     iterative_step: float = 0.01  # first fresh step, as a fraction of ||W|| (x1.5 after a good step, /2 after a bad)
-    # In iterative mode each step (the stored one included) may spend at most this fraction of the guard's room
-    # left: many small steps, each projected against the pool's gradient on the model as it then is, forget
-    # more within the guard than a few large ones (benchmarks/results/step_room_cpu.json). 1: no pacing.
+    # In iterative mode each step (the stored one included, which never spends more than a quarter) may spend at
+    # most this fraction of the guard's room left: many small steps, each projected against the pool's gradient
+    # on the model as it then is, forget more within the guard than a few large ones
+    # (benchmarks/results/step_room_cpu.json). 1: the fresh steps unpaced, as before pacing.
     step_room: float = 0.15
     confidence_power: float = 0.0  # > 0: fresh ascent weighs each token by p^γ (see gradients.own_mean_losses)
     retain_sample: int = 64
@@ -1145,9 +1146,11 @@ class Unlearner:
         if budget_binds:
             limit = retain_before + max(drift.remaining, 0.0)
         evaluations += drift is not None
-        # In iterative mode the stored step is paced like the fresh steps that follow (`step_room`): they need
-        # room to work in (measured: a stored step that spends it all leaves them stuck).
-        stored_limit = limit if mode == "first_epoch" else paced_limit(retain_before, limit, cfg.step_room)
+        # In iterative mode the stored step is paced like the fresh steps that follow (`step_room`), and never
+        # spends more than a quarter of the room: they need room to work in (measured: a stored step that spends
+        # it all leaves them stuck).
+        stored_limit = (limit if mode == "first_epoch"
+                        else paced_limit(retain_before, limit, min(cfg.step_room, 0.25)))
         params = self._parameters()
         base = {n: p.detach().clone() for n, p in params}
         weight = params[0][1]

@@ -653,8 +653,9 @@ def test_a_paced_step_may_spend_its_share_of_the_room_left_and_no_more():
 
 
 def test_each_step_of_an_iterative_request_spends_at_most_its_share_of_the_guards_room(world, monkeypatch):
-    """The stored step and every fresh step are accepted only within `step_room` of the room left before them,
-    so the room shrinks geometrically and the request takes several small steps, each projected anew."""
+    """Every fresh step is accepted only within `step_room` of the room left before it (the stored step within a
+    quarter at most), so the room shrinks geometrically and the request takes several small steps, each
+    projected anew."""
     import gradstore_unlearn.unlearn as engine
 
     calls = []
@@ -663,12 +664,12 @@ def test_each_step_of_an_iterative_request_spends_at_most_its_share_of_the_guard
     config = ForgetConfig(retain_tolerance=0.10, step_room=0.3)
     report = Unlearner(world.model, world.store, config=config).forget(["r1"], mode="iterative")
     limit = calls[0][1]
-    assert all(room == 0.3 and bound == limit for _, bound, room in calls)
-    # Each step starts where the last accepted one left the guard: within 0.3 of the room left before it.
-    starts = [current for current, _, _ in calls]
-    kept = [(a, b) for a, b in itertools.pairwise(starts) if b != a]
+    assert calls[0][2] == 0.25 and all(room == 0.3 for _, _, room in calls[1:])  # the stored step, then fresh
+    assert all(bound == limit for _, bound, _ in calls)
+    # Each step starts where the last accepted one left the guard: within its room of what was left before it.
+    kept = [(a, b, room) for (a, _, room), (b, _, _) in itertools.pairwise(calls) if b != a]
     assert report.iterations >= 3 and len(kept) >= 2
-    assert all(b <= a + 0.3 * (limit - a) + 1e-9 for a, b in kept)
+    assert all(b <= a + room * (limit - a) + 1e-9 for a, b, room in kept)
     assert report.retain_loss_after <= limit + 1e-9
 
 

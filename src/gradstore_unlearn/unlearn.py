@@ -43,9 +43,9 @@ three sampling seeds, both requests together moved the retain records' perplexit
 against +2.36%, +1.76%, +1.89% without), while the by-ID request got further at every seed (4.66, 4.70, 4.77 nats
 against 3.99, 3.28, 3.28; target 5.52). On eight random sets of four records, 3 reached their target (1 without), 5
 of 8 got further, mean loss 4.56 against 3.43 nats, retain records +1.34% against +1.08%, docstrings +1.26% against
-+1.42%. (On a third CPU, whose trained model differs slightly, the random sets were about even: mean loss 4.30
-against 4.22.) Only the embedding's step is projected: the other parameters of the layers ablation take their plain
-step. `projection="none"` is the plain step, kept for the ablation.
++1.42%. (On the CPU it was first measured on, whose trained model differs slightly, the random sets were about even:
+mean loss 4.30 against 4.22.) Only the embedding's step is projected: the other parameters of the layers ablation
+take their plain step. `projection="none"` is the plain step, kept for the ablation.
 
 `precondition="fisher"` divides each element of the ascent by the diagonal Fisher of a pool of retained examples
 (disjoint from the guard), plus a damping: the elements the retained examples are most sensitive to move least.

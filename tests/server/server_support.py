@@ -25,9 +25,10 @@ OTHER_KEY = "other-key-fedcba9876543210"
 # the tiny model reaches its target and commits (weights saved, examples erased), whatever the engine's
 # calibration does on a 44-example store. Calibration quality is tested with the engine.
 COMMIT_FORGET = {"retain_tolerance": 5.0}
-# ...and a forget that calibrates to a very tight band: a second or more instead of a fraction, long enough
-# for readers (and a SIGKILL) to land while it runs.
-SLOW_FORGET = {**COMMIT_FORGET, "target_tolerance": 0.0005, "bisect_steps": 30}
+# ...and a forget that calibrates to a very tight band, one example per forward pass: a second or more instead of
+# a fraction, long enough for readers (and a SIGKILL) to land while it runs. (In batches of 32, a fast 2-core CPU
+# finished it before a SIGKILL sent as soon as the job was seen running.)
+SLOW_FORGET = {**COMMIT_FORGET, "target_tolerance": 0.0005, "bisect_steps": 30, "batch_size": 1}
 
 FIRST = ["Alice", "Bruno", "Chloe", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kofi", "Lena"]
 LAST = ["Moreau", "Schmidt", "Rossi", "Garcia", "Novak", "Jensen", "Silva", "Kowalski", "Murphy", "Okafor"]

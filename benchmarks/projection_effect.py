@@ -39,12 +39,13 @@ from gradstore_unlearn.demo import DEMO_SIZES, _checks, forget_demo_records, pre
 from gradstore_unlearn.evaluate import ks_test, perplexity
 from gradstore_unlearn.unlearn import ForgetConfig, Unlearner
 
-# Per comparison: the default method and the variant, each (name, ForgetConfig settings); the result file.
+# Per comparison: the benchmark's name (its result file is results/<name>_cpu.json), then the default method and the
+# variant, each (label, ForgetConfig settings).
 COMPARISONS = {
-    "projection": ((("rows", {}), ("none", {"projection": "none"})), "projection_effect_cpu.json"),
+    "projection": ("projection_effect", (("rows", {}), ("none", {"projection": "none"}))),
     # Unpaced, as before pacing was the default: the stored step spends up to a quarter of the room, each fresh step
     # all of the room left, and the first fresh step is 2% of ||W||.
-    "step_room": ((("paced", {}), ("unpaced", {"step_room": 1.0, "iterative_step": 0.02})), "step_room_cpu.json"),
+    "step_room": ("step_room", (("paced", {}), ("unpaced", {"step_room": 1.0, "iterative_step": 0.02}))),
 }
 
 
@@ -56,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--random-sets", type=int, default=8, help="random forget sets of four records")
     args = p.parse_args(argv)
     if args.out is None:
-        args.out = RESULTS / COMPARISONS[args.compare][1]
+        args.out = RESULTS / f"{COMPARISONS[args.compare][0]}_cpu.json"
     return args
 
 
@@ -107,7 +108,7 @@ def pool_split_text(split: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    variants = COMPARISONS[args.compare][0]
+    benchmark, variants = COMPARISONS[args.compare]
     started = time.perf_counter()
     spec = DEMO_SIZES["tiny"]
     demo = prepare_data(spec, args.seed)
@@ -199,11 +200,11 @@ def main(argv=None) -> None:
     # Does the pool flatter the evaluation? The default method's mean change of pooled vs never-pooled examples.
     by_pool = {}
     for name, runs in (("demo", demo_runs), ("random_sets", set_runs)):
-        projected = [r for r in runs if r["variant"] == variants[0][0]]
-        by_pool[name] = {group: {label: mean_change(projected, group, label) for label in ("pooled", "never_pooled")}
+        default_runs = [r for r in runs if r["variant"] == variants[0][0]]
+        by_pool[name] = {group: {label: mean_change(default_runs, group, label) for label in ("pooled", "never_pooled")}
                          for group in ("retain", "docstrings")}
         print(f"{name}, {variants[0][0]}, mean perplexity change by pool membership: {by_pool[name]}")
-    save_cpu_result(args.out, Path(COMPARISONS[args.compare][1]).stem.removesuffix("_cpu"),
+    save_cpu_result(args.out, benchmark,
                     f"the demo (size tiny, seed {args.seed}): its two requests per sampling seed, and one by-ID request "
                     "per random set of four records, from one trained model and store, with the default method and "
                     f"with {variants[1][1]}", started, variants=dict(variants),

@@ -1853,11 +1853,7 @@ class Unlearner:
 
 def paced_limit(current: float, limit: float, room: float) -> float:
     """The guard loss one step may reach: `room` of what is left below `limit` (all of it from room >= 1).
-
-    Why pace: the damage a step does grows faster than its size (the projection removes only its first-order
-    part), and each new step is projected against the retained pool's gradient on the model as it then is. A
-    step that spends the guard's whole room at once leaves nothing for the better-aimed steps after it.
-    """
+    Why steps are paced: the module docstring, "Paced steps"."""
     return current + min(room, 1.0) * max(limit - current, 0.0)
 
 

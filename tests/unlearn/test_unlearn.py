@@ -24,6 +24,7 @@ from gradstore_unlearn.unlearn import (
     ForgetReport,
     Unlearner,
     model_hash,
+    paced_limit,
     record_trained_model,
     save_reference_set,
     verify_audit_chain,
@@ -645,8 +646,6 @@ def test_iterations_count_the_steps_taken(world, monkeypatch):
 
 
 def test_a_paced_step_may_spend_its_share_of_the_room_left_and_no_more():
-    from gradstore_unlearn.unlearn import paced_limit
-
     assert paced_limit(1.0, 1.2, 0.25) == pytest.approx(1.05)
     assert paced_limit(1.0, 1.2, 1.0) == paced_limit(1.0, 1.2, 3.0) == pytest.approx(1.2)  # at most all of it
     assert paced_limit(1.3, 1.2, 0.25) == 1.3  # over the limit already: no room, but no pull below where it is
